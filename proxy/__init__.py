@@ -1,0 +1,41 @@
+"""casproxy: a content-addressed caching blob proxy, and the library behind it."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from proxy.composite import Composite  # noqa: E402
+from proxy.digest import Digest, digest_of  # noqa: E402
+from proxy.errors import (  # noqa: E402
+    BadDigest,
+    CorruptBlob,
+    DigestMismatch,
+    NotFound,
+    ProxyError,
+    TierError,
+    UpstreamFailed,
+)
+from proxy.tier import Blob, Stat, Tier  # noqa: E402
+from proxy.tiers import APIOrigin, DiskTier, FsTier, HttpTier, S3Tier  # noqa: E402
+
+__all__ = [
+    "APIOrigin",
+    "BadDigest",
+    "Blob",
+    "Composite",
+    "CorruptBlob",
+    "Digest",
+    "DigestMismatch",
+    "DiskTier",
+    "FsTier",
+    "HttpTier",
+    "NotFound",
+    "ProxyError",
+    "S3Tier",
+    "Stat",
+    "Tier",
+    "TierError",
+    "UpstreamFailed",
+    "__version__",
+    "digest_of",
+]

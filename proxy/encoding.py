@@ -1,0 +1,111 @@
+"""At-rest encodings of a tier (the digest is always of the decoded bytes) and key layouts."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+from typing import BinaryIO, Literal
+
+Encoding = Literal["identity", "gzip", "deflate"]
+Layout = Literal["flat", "sharded"]
+ENCODINGS: tuple[Encoding, ...] = ("identity", "gzip", "deflate")
+LAYOUTS: tuple[Layout, ...] = ("flat", "sharded")
+
+# zlib's wbits: 16+ is a gzip wrapper, plain MAX_WBITS a zlib (HTTP "deflate") stream.
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def object_key(prefix: str, digest: str, layout: Layout) -> str:
+    """Where a blob lives under a prefix: prefix+hash, or prefix+hash[0:2]/hash."""
+    return f"{prefix}{digest[:2]}/{digest}" if layout == "sharded" else f"{prefix}{digest}"
+
+
+def decoder(encoding: Encoding) -> zlib._Decompress | None:
+    if encoding == "identity":
+        return None
+    if encoding == "deflate":
+        # Raw deflate (no zlib header) is still sent by some clients as "deflate"; accept both.
+        return _AutoDeflate()  # type: ignore[return-value]
+    return zlib.decompressobj(_WBITS[encoding])
+
+
+class _AutoDeflate:
+    """Decodes zlib-wrapped deflate, falling back to raw deflate (RFC 9110 8.4.1.2's caveat)."""
+
+    def __init__(self) -> None:
+        self._inner: zlib._Decompress | None = None
+        self.eof = False
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._inner is None:
+            wrapped = len(data) >= 2 and (data[0] & 0x0F) == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._inner = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        out = self._inner.decompress(data)
+        self.eof = self._inner.eof
+        return out
+
+    def flush(self) -> bytes:
+        return self._inner.flush() if self._inner is not None else b""
+
+
+async def decode_stream(chunks: AsyncIterator[bytes], encoding: Encoding) -> AsyncIterator[bytes]:
+    """Decode an encoded stream; a truncated or garbled one raises zlib.error / ValueError."""
+    dec = decoder(encoding)
+    if dec is None:
+        async for chunk in chunks:
+            yield chunk
+        return
+    async for chunk in chunks:
+        out = dec.decompress(chunk)
+        if out:
+            yield out
+    tail = dec.flush()
+    if tail:
+        yield tail
+    if not dec.eof:
+        raise ValueError(f"{encoding} stream is truncated")
+
+
+def encode_bytes(data: bytes, encoding: Encoding) -> bytes:
+    if encoding == "identity":
+        return data
+    comp = zlib.compressobj(6, zlib.DEFLATED, _WBITS[encoding])
+    return comp.compress(data) + comp.flush()
+
+
+def decode_bytes(data: bytes, encoding: Encoding) -> bytes:
+    dec = decoder(encoding)
+    if dec is None:
+        return data
+    out = dec.decompress(data) + dec.flush()
+    if not dec.eof:
+        raise ValueError(f"{encoding} data is truncated")
+    return out
+
+
+class EncodingReader:
+    """A file-like ``read(n)`` that yields a file's bytes encoded, in bounded memory
+    (for boto3's upload_fileobj and folder writes of large blobs)."""
+
+    def __init__(self, source: BinaryIO, encoding: Encoding, block: int = 1 << 20) -> None:
+        self._source = source
+        self._comp = zlib.compressobj(6, zlib.DEFLATED, _WBITS[encoding]) if encoding != "identity" else None
+        self._block = block
+        self._buffer = b""
+        self._done = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self._comp is None:
+            return self._source.read(size)
+        while not self._done and (size < 0 or len(self._buffer) < size):
+            raw = self._source.read(self._block)
+            if raw:
+                self._buffer += self._comp.compress(raw)
+            else:
+                self._buffer += self._comp.flush()
+                self._done = True
+        if size < 0:
+            out, self._buffer = self._buffer, b""
+        else:
+            out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out

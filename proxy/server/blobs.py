@@ -1,0 +1,164 @@
+"""GET and HEAD of blobs, and the bulk existence check: parse, ask the store, send."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from proxy.composite import Composite, Fill, Opened
+from proxy.digest import ALGORITHMS, Algorithm, Digest
+from proxy.errors import BadRequest
+from proxy.server.keys import CONFIG, STORE
+from proxy.server.responses import SendfileResponse, etag_matches, parse_range, send_stream
+from proxy.tier import Blob, BytesBlob, FileBlob, Tier
+
+MAX_MISSING_QUERY = 10_000
+_MISSING_CONCURRENCY = 32
+CACHE_CONTROL = "public, max-age=31536000, immutable"  # a name never changes its bytes
+
+
+def digest_of(request: web.Request) -> Digest:
+    return Digest.parse(request.match_info["hash"], _algorithm(request))
+
+
+def _algorithm(request: web.Request) -> Algorithm:
+    algorithm = request.match_info["algorithm"]
+    assert algorithm in ALGORITHMS
+    return algorithm  # type: ignore[return-value]
+
+
+def _headers(digest: Digest, tier: str, hit: bool) -> dict[str, str]:
+    return {
+        "ETag": f'"{digest}"',
+        "Cache-Control": CACHE_CONTROL,
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        "X-Cache": "HIT" if hit else "MISS",
+        "X-Cache-Tier": tier,
+    }
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    digest = digest_of(request)
+    if etag_matches(request.headers.get("If-None-Match"), f'"{digest}"'):
+        # Content-addressed: a client holding this ETag holds exactly these bytes.
+        return web.Response(status=304, headers={"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL})
+    store = request.app[STORE]
+    if request.method == "HEAD":
+        response = await _head(request, store, digest)
+        if response is not None:
+            return response
+    opened = await store.open(digest)
+    if opened.blob is not None:
+        return _send_blob(request, opened.blob, _headers(digest, opened.tier, opened.hit))
+    try:
+        return await _send_fill(request, opened)
+    finally:
+        await opened.close()
+
+
+async def _head(request: web.Request, store: Composite, digest: Digest) -> web.StreamResponse | None:
+    """Answer HEAD from a tier's cheap existence check; None when it cannot tell the size."""
+    tier, stat = await store.stat(digest)
+    if stat.size is None:
+        return None
+    response = web.StreamResponse(headers=_headers(digest, tier.name, tier.role == "cache"))
+    span = parse_range(request.headers.get("Range"), stat.size)
+    _set_length(response, span, stat.size)
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
+def _set_length(response: web.StreamResponse, span: tuple[int, int] | None, size: int) -> tuple[int, int]:
+    start, end = span or (0, size)
+    if span is not None:
+        response.set_status(206)
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response.content_length = end - start
+    return start, end
+
+
+def _send_blob(request: web.Request, blob: Blob, headers: dict[str, str]) -> web.StreamResponse:
+    """A verified blob that is whole: from memory, or a file for sendfile."""
+    assert blob.size is not None
+    try:
+        span = parse_range(request.headers.get("Range"), blob.size)
+    except Exception:
+        asyncio.get_running_loop().create_task(blob.close())
+        raise
+    if isinstance(blob, BytesBlob):
+        start, end = span or (0, blob.size)
+        response = web.Response(body=blob.data[start:end] if span else blob.data, headers=headers)
+        if span is not None:
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+        return response
+    assert isinstance(blob, FileBlob)
+    start, end = span or (0, blob.size)
+    response = SendfileResponse(blob, start, end, status=206 if span else 200)
+    response.headers.update(headers)
+    if span is not None:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+    return response
+
+
+async def _send_fill(request: web.Request, opened: Opened) -> web.StreamResponse:
+    """A blob still arriving from a tier. Up to stream_threshold it is verified before the
+    first byte; a larger one is streamed as it arrives and the connection is cut if it fails."""
+    fill = opened.fill
+    assert fill is not None
+    threshold = request.app[CONFIG].server.stream_threshold
+    ranged = "Range" in request.headers
+    if not ranged and request.method == "GET" and await _worth_streaming(fill, threshold):
+        assert fill.tier is not None
+        response = web.StreamResponse(headers=_headers(opened.digest, fill.tier.name, fill.tier.role == "cache"))
+        if fill.expected_size is not None:
+            response.content_length = fill.expected_size
+        store = request.app[STORE]
+        return await send_stream(request, response, store.follow(fill))
+    spool = await fill.verified()
+    tier: Tier | None = fill.tier
+    assert tier is not None
+    try:
+        data = spool.data
+        file = spool.open() if data is None else None
+        blob: Blob = BytesBlob(data) if data is not None else FileBlob(file, spool.size)  # type: ignore[arg-type]
+    finally:
+        spool.release()  # an open file keeps the bytes readable
+    return _send_blob(request, blob, _headers(opened.digest, tier.name, tier.role == "cache"))
+
+
+async def _worth_streaming(fill: Fill, threshold: int) -> bool:
+    if fill.expected_size is not None:
+        return fill.expected_size > threshold
+    spool = fill.spool
+    assert spool is not None
+    await spool.wait_for_size(threshold + 1)  # unknown size: see whether it proves large
+    return spool.size > threshold and spool.failed is None and not spool.verified
+
+
+async def post_missing(request: web.Request) -> web.Response:
+    """{"hashes": [...]} -> {"missing": [...]}: which of them no tier has."""
+    algorithm = _algorithm(request)
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRequest(f"body is not JSON: {error}") from None
+    hashes = body.get("hashes") if isinstance(body, dict) else None
+    if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+        raise BadRequest('want a JSON body {"hashes": ["<hex digest>", ...]}')
+    if len(hashes) > MAX_MISSING_QUERY:
+        raise BadRequest(f"at most {MAX_MISSING_QUERY} hashes per request, got {len(hashes)}")
+    digests = [Digest.parse(h, algorithm) for h in hashes]
+    store = request.app[STORE]
+    limit = asyncio.Semaphore(_MISSING_CONCURRENCY)
+
+    async def missing(digest: Digest) -> bool:
+        async with limit:
+            return not await store.contains(digest)
+
+    flags = await asyncio.gather(*(missing(d) for d in digests))
+    return web.json_response({"missing": [d for d, gone in zip(digests, flags, strict=True) if gone]})

@@ -1,0 +1,110 @@
+"""Ways of sending a blob's bytes, and the RFC 9110 request headers that shape them."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import BinaryIO
+
+from aiohttp import web
+
+from proxy.errors import RangeNotSatisfiable
+from proxy.tier import CHUNK_SIZE, FileBlob
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single byte range (RFC 9110 14.1.2) as [start, end); None means the whole blob.
+
+    Multiple ranges and malformed headers are ignored (a 200 is a valid answer to them);
+    a well-formed range that the blob cannot satisfy raises RangeNotSatisfiable."""
+    if not header:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if not match or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # bytes=-n: the last n bytes
+        count = int(last)
+        if count == 0:
+            raise RangeNotSatisfiable(f"range {header!r} is empty", headers={"Content-Range": f"bytes */{size}"})
+        return max(0, size - count), size
+    start = int(first)
+    end = size if last == "" else min(size, int(last) + 1)
+    if start >= size or (last != "" and int(last) < start):
+        raise RangeNotSatisfiable(
+            f"range {header!r} is outside the blob's {size} bytes", headers={"Content-Range": f"bytes */{size}"}
+        )
+    return start, end
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): weak comparison, any listed tag or *."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+class SendfileResponse(web.StreamResponse):
+    """Sends part of an already open file with the kernel's sendfile (no copies through
+    Python); unlike FileResponse it takes an open file, so eviction cannot race it."""
+
+    def __init__(self, blob: FileBlob, start: int, end: int, *, status: int = 200) -> None:
+        super().__init__(status=status)
+        self._file: BinaryIO = blob.file
+        self._blob = blob
+        self._start = start
+        self._count = end - start
+        self.content_length = self._count
+
+    async def prepare(self, request: web.BaseRequest) -> web.StreamResponse | None:  # type: ignore[override]
+        writer = await super().prepare(request)
+        try:
+            if request.method != "HEAD" and self._count:
+                transport = request.transport
+                if transport is None:
+                    raise ConnectionResetError("connection lost")
+                try:
+                    await asyncio.get_running_loop().sendfile(transport, self._file, self._start, self._count)
+                except NotImplementedError:  # TLS or an odd transport: copy through Python
+                    async for chunk in self._blob.chunks(self._start):
+                        await self.write(chunk[: self._count])
+                        self._count -= len(chunk)
+                        if self._count <= 0:
+                            break
+            await super().write_eof()
+        finally:
+            self._file.close()
+        return writer  # type: ignore[return-value]
+
+
+async def send_stream(
+    request: web.BaseRequest, response: web.StreamResponse, chunks: AsyncIterator[bytes]
+) -> web.StreamResponse:
+    """Send chunks as they come; if the source fails, cut the connection so the client
+    sees an incomplete body instead of a complete wrong one."""
+    await response.prepare(request)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except Exception:
+        if request.transport is not None:
+            request.transport.abort()
+        raise
+    await response.write_eof()
+    return response
+
+
+def iter_bytes(data: bytes) -> AsyncIterator[bytes]:
+    async def gen() -> AsyncIterator[bytes]:
+        view = memoryview(data)
+        for offset in range(0, len(view), CHUNK_SIZE):
+            yield view[offset : offset + CHUNK_SIZE].tobytes()
+
+    return gen()

@@ -1,0 +1,167 @@
+"""A blob being received: hashed as it arrives, held in memory while small, spilled to a
+temp file when large, readable by many readers while it is still growing.
+
+Readers share the spool by reference (``acquire``/``release``): the temp file is removed when
+the last one lets go, so a commit into the cache can never pull it from under a reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from typing import BinaryIO
+
+from proxy.digest import Digest
+from proxy.errors import CorruptBlob, TooLarge
+from proxy.tier import CHUNK_SIZE
+
+SPOOL_PREFIX = "spool-"
+
+
+class SpoolFailed(Exception):
+    """The bytes being spooled turned out bad or stopped coming; readers must abort."""
+
+
+class Spool:
+    """Write-once buffer for one blob. ``finish()`` verifies the digest; until then readers
+    may tail it (``chunks``) and must treat SpoolFailed as "abort what you sent"."""
+
+    def __init__(
+        self,
+        digest: Digest,
+        directory: str | None = None,
+        memory_limit: int = CHUNK_SIZE,
+        max_size: int | None = None,
+    ) -> None:
+        self.digest = digest
+        self.size = 0
+        self.path: str | None = None
+        self.verified = False
+        self.failed: BaseException | None = None
+        self._directory = directory
+        self._memory_limit = memory_limit
+        self._max_size = max_size
+        self._hasher = digest.hasher()
+        self._memory: bytearray | None = bytearray()
+        self._fd: int | None = None
+        self._refs = 1  # the writer's
+        self._changed = asyncio.Event()
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def write(self, chunk: bytes) -> None:
+        if self._max_size is not None and self.size + len(chunk) > self._max_size:
+            raise TooLarge(f"more than {self._max_size} bytes")
+        if self._memory is not None and self.size + len(chunk) <= self._memory_limit:
+            self._hasher.update(chunk)
+            self._memory += chunk
+        else:
+            # hashlib releases the GIL for large buffers: hash and write off the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self._write_to_file, chunk)
+            self._memory = None  # switched here, on the loop, so readers never see it half-done
+        self.size += len(chunk)
+        self._notify()
+
+    def _write_to_file(self, chunk: bytes) -> None:
+        if self._fd is None:
+            if self._directory:
+                os.makedirs(self._directory, mode=0o700, exist_ok=True)
+            self._fd, self.path = tempfile.mkstemp(prefix=SPOOL_PREFIX, dir=self._directory)
+            if self._memory:
+                _write_all(self._fd, self._memory)
+        self._hasher.update(chunk)
+        _write_all(self._fd, chunk)
+
+    async def finish(self) -> None:
+        """Check the digest: verified on a match, otherwise the spool fails with CorruptBlob."""
+        actual = self._hasher.hexdigest()
+        if actual != self.digest:
+            error = CorruptBlob(f"bytes hash to {actual}, not {self.digest}")
+            self.fail(error)
+            raise error
+        self.verified = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.verified:
+            self.failed = error
+            self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- sharing -------------------------------------------------------------------------
+
+    def acquire(self) -> Spool:
+        if self._refs <= 0:
+            raise RuntimeError("spool already released")
+        self._refs += 1
+        return self
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if self.path is not None:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+
+    # -- reading -------------------------------------------------------------------------
+
+    @property
+    def data(self) -> bytes | None:
+        """The whole blob when it stayed in memory, else None (it is in ``path``)."""
+        return bytes(self._memory) if self._memory is not None else None
+
+    def open(self) -> BinaryIO | None:
+        """A private read handle on the spilled file; valid while a reference is held."""
+        if self.path is None or self._memory is not None:
+            return None
+        return open(self.path, "rb")  # noqa: SIM115 - the caller owns it
+
+    async def wait_verified(self) -> None:
+        while not self.verified:
+            if self.failed is not None:
+                raise SpoolFailed(str(self.failed)) from self.failed
+            await self._changed.wait()
+
+    async def wait_for_size(self, size: int) -> None:
+        """Wait until ``size`` bytes arrived, or the spool is verified or failed."""
+        while self.size < size and not self.verified and self.failed is None:
+            await self._changed.wait()
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) as they arrive; raises SpoolFailed if the blob goes bad.
+        The caller holds a reference for as long as it iterates."""
+        loop = asyncio.get_running_loop()
+        offset = start
+        while True:
+            if self.failed is not None:
+                raise SpoolFailed(str(self.failed)) from self.failed
+            stop = self.size if end is None else min(end, self.size)
+            if offset < stop:
+                count = min(CHUNK_SIZE, stop - offset)
+                if self._memory is not None:
+                    chunk = bytes(self._memory[offset : offset + count])
+                else:
+                    assert self._fd is not None
+                    chunk = await loop.run_in_executor(None, os.pread, self._fd, count, offset)
+                offset += len(chunk)
+                yield chunk
+            elif self.verified or (end is not None and offset >= end):
+                return
+            else:
+                await self._changed.wait()
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

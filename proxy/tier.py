@@ -1,0 +1,158 @@
+"""The tier protocol: what every storage kind implements, and the open-blob types it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+from proxy.digest import Digest
+from proxy.errors import TierError
+
+if TYPE_CHECKING:
+    from proxy.spool import Spool
+
+Role = Literal["cache", "source"]
+CHUNK_SIZE = 1 << 20  # large reads amortise the executor hop and hashing call overhead
+
+
+class Blob(ABC):
+    """An open copy of a blob in one tier: its size if the tier knows it, and its bytes."""
+
+    size: int | None
+
+    @abstractmethod
+    def chunks(self, start: int = 0) -> AsyncIterator[bytes]:
+        """The bytes from ``start`` on, in chunks (decoded: never the at-rest encoding)."""
+
+    async def close(self) -> None:  # noqa: B027 - most blobs hold nothing to release
+        """Release what the blob holds open (connections, file descriptors)."""
+
+    async def read(self) -> bytes:
+        try:
+            return b"".join([chunk async for chunk in self.chunks()])
+        finally:
+            await self.close()
+
+
+class BytesBlob(Blob):
+    """A whole blob in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    async def chunks(self, start: int = 0) -> AsyncIterator[bytes]:
+        view = memoryview(self.data)
+        for offset in range(start, len(view), CHUNK_SIZE):
+            yield bytes(view[offset : offset + CHUNK_SIZE])
+
+    async def read(self) -> bytes:
+        return self.data
+
+
+class FileBlob(Blob):
+    """A verified local file, open; the server can hand it to sendfile."""
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self.file = file
+        self.size = size
+
+    async def chunks(self, start: int = 0) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        fd = self.file.fileno()
+        offset = start
+        while offset < self.size:
+            chunk = await loop.run_in_executor(
+                None, os.pread, fd, min(CHUNK_SIZE, self.size - offset), offset
+            )
+            if not chunk:
+                raise OSError(f"{self.file.name}: ends at {offset} of {self.size} bytes")
+            offset += len(chunk)
+            yield chunk
+
+    async def close(self) -> None:
+        self.file.close()
+
+
+class StreamBlob(Blob):
+    """Bytes arriving from elsewhere (a bucket, an HTTP upstream, an API origin)."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        size: int | None = None,
+        close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._chunks = chunks
+        self.size = size
+        self._close = close
+
+    async def chunks(self, start: int = 0) -> AsyncIterator[bytes]:
+        skip = start
+        async for chunk in self._chunks:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:] if skip else chunk
+            skip = 0
+
+    async def close(self) -> None:
+        if self._close is not None:
+            await self._close()
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """A tier's cheap answer to "do you have it?": yes, with the size when it knows it."""
+
+    size: int | None = None
+
+
+class Tier(ABC):
+    """One place blobs can be: a disk cache, a bucket, a folder, another proxy, an origin.
+
+    ``open`` and ``stat`` return None for "not here" and raise TierError when the tier fails.
+    """
+
+    name: str
+    role: Role = "source"
+    timeout: float = 30.0
+    trusted: bool = False  # holds only bytes it verified itself, so hits skip re-hashing
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections, create folders; called once before use."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what start() opened."""
+
+    @abstractmethod
+    async def open(self, digest: Digest) -> Blob | None:
+        """Start reading the blob, or None if this tier does not have it."""
+
+    async def stat(self, digest: Digest) -> Stat | None:
+        """Cheap existence check; tiers without one open the blob and close it again."""
+        blob = await self.open(digest)
+        if blob is None:
+            return None
+        await blob.close()
+        return Stat(blob.size)
+
+    async def put(self, digest: Digest, spool: Spool) -> None:
+        """Store a verified blob. Sources that cannot be written raise TierError."""
+        raise TierError(f"{self.name}: this {type(self).__name__} cannot be written")
+
+    async def delete(self, digest: Digest) -> bool:
+        """Remove the blob; True if it was there."""
+        raise TierError(f"{self.name}: this {type(self).__name__} cannot delete")
+
+    def describe(self) -> dict[str, object]:
+        """State for /readyz and /stats."""
+        return {}
+

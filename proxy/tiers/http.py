@@ -1,0 +1,105 @@
+"""An HTTP upstream: another casproxy, a CDN, any server that answers GET by digest.
+
+The URL is a template (``{hash}``, ``{algorithm}``). Its bytes are verified like any tier's;
+nothing it says about itself (X-Cache, ETag) is trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from proxy.digest import Digest
+from proxy.errors import TierError
+from proxy.tier import CHUNK_SIZE, Blob, Role, Stat, StreamBlob, Tier
+
+_ABSENT = {404, 410}
+
+
+class HttpTier(Tier):
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "http",
+        role: Role = "source",
+        headers: dict[str, str] | None = None,
+        max_connections: int = 64,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        timeout: float = 60.0,
+    ) -> None:
+        if "{hash}" not in url:
+            raise ValueError(f"url {url!r} has no {{hash}} placeholder")
+        self.name = name
+        self.role = role
+        self.timeout = timeout
+        self.url = url
+        self._headers = headers or {}
+        self._limit = max_connections
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._limit),
+            timeout=self._client_timeout,
+            headers=self._headers,
+            auto_decompress=True,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise TierError(f"{self.name}: not started")
+        return self._session
+
+    def _url(self, digest: Digest) -> str:
+        return self.url.format(hash=digest, algorithm=digest.algorithm)
+
+    async def open(self, digest: Digest) -> Blob | None:
+        try:
+            response = await self.session.get(self._url(digest))
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TierError(f"{self.name}: {error!r}") from error
+        if response.status in _ABSENT:
+            response.release()
+            return None
+        if response.status != 200:
+            response.release()
+            raise TierError(f"{self.name}: upstream answered {response.status}")
+        encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
+        size = None if encoded else response.content_length
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as error:
+                raise TierError(f"{self.name}: {error!r}") from error
+
+        async def close() -> None:
+            response.release()
+
+        return StreamBlob(chunks(), size, close)
+
+    async def stat(self, digest: Digest) -> Stat | None:
+        try:
+            async with self.session.head(self._url(digest)) as response:
+                if response.status in _ABSENT:
+                    return None
+                if response.status != 200:
+                    raise TierError(f"{self.name}: upstream answered {response.status}")
+                return Stat(response.content_length)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TierError(f"{self.name}: {error!r}") from error
+
+    def describe(self) -> dict[str, object]:
+        return {"url": self.url}

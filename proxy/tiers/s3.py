@@ -1,0 +1,199 @@
+"""A bucket tier over boto3, for AWS S3 and any S3-compatible store (MinIO, R2, GCS interop).
+
+boto3 blocks, so every call runs in this tier's own executor, sized like its connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlparse
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from proxy.digest import Digest
+from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, object_key
+from proxy.errors import ConfigError, TierError
+from proxy.spool import Spool
+from proxy.tier import CHUNK_SIZE, Blob, Role, Stat, StreamBlob, Tier
+
+SIZE_METADATA = "casproxy-size"  # decoded size, so HEAD knows it even for encoded objects
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+def parse_bucket_url(url: str, scheme: str) -> tuple[str, str]:
+    """``s3://bucket/prefix/`` -> (bucket, "prefix/")."""
+    parsed = urlparse(url)
+    if parsed.scheme != scheme or not parsed.netloc:
+        raise ConfigError(f"{url!r} is not a {scheme}://bucket/prefix/ URL")
+    prefix = parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return parsed.netloc, prefix
+
+
+class S3Tier(Tier):
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "s3",
+        role: Role = "source",
+        layout: Layout = "flat",
+        encoding: Encoding = "identity",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        accelerate: bool = False,
+        max_connections: int = 32,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        timeout: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.timeout = timeout
+        self.url = url
+        self.bucket, self.prefix = parse_bucket_url(url, "s3")
+        self.layout = layout
+        self.encoding = encoding
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        self.profile = profile or None
+        self._credentials = (access_key_id or None, secret_access_key or None)
+        self.accelerate = accelerate
+        self._config = botocore.config.Config(
+            max_pool_connections=max_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": 3, "mode": "standard"},
+            # S3-compatible stores and GCS interop reject the newer default checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={
+                "addressing_style": "path" if self.endpoint_url else "auto",
+                "use_accelerate_endpoint": accelerate,
+            },
+        )
+        self._executor = ThreadPoolExecutor(max_connections, thread_name_prefix=f"tier-{name}")
+        self._client: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = await self._run(self.make_client)
+
+    def make_client(self, config: botocore.config.Config | None = None) -> Any:
+        session = boto3.session.Session(profile_name=self.profile)
+        key_id, secret = self._credentials
+        return session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            config=config or self._config,
+        )
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self.make_client()
+        return self._client
+
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        except botocore.exceptions.ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING_CODES:
+                raise _Missing from error
+            raise TierError(f"{self.name}: {code or error}") from error
+        except botocore.exceptions.BotoCoreError as error:
+            raise TierError(f"{self.name}: {error}") from error
+
+    def key(self, digest: str) -> str:
+        return object_key(self.prefix, digest, self.layout)
+
+    # -- the protocol --------------------------------------------------------------------
+
+    async def open(self, digest: Digest) -> Blob | None:
+        try:
+            response = await self._run(self.client.get_object, Bucket=self.bucket, Key=self.key(digest))
+        except _Missing:
+            return None
+        body = response["Body"]
+        raw = self._read_body(body)
+        if self.encoding == "identity":
+            return StreamBlob(raw, response.get("ContentLength"), self._closer(body))
+        size = response.get("Metadata", {}).get(SIZE_METADATA)
+        return StreamBlob(
+            decode_stream(raw, self.encoding), int(size) if size else None, self._closer(body)
+        )
+
+    async def _read_body(self, body: Any) -> AsyncIterator[bytes]:
+        while True:
+            chunk = await self._run(body.read, CHUNK_SIZE)
+            if not chunk:
+                return
+            yield chunk
+
+    def _closer(self, body: Any) -> Any:
+        async def close() -> None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, body.close)
+
+        return close
+
+    async def stat(self, digest: Digest) -> Stat | None:
+        try:
+            response = await self._run(self.client.head_object, Bucket=self.bucket, Key=self.key(digest))
+        except _Missing:
+            return None
+        size = response.get("Metadata", {}).get(SIZE_METADATA)
+        if size:
+            return Stat(int(size))
+        return Stat(response.get("ContentLength") if self.encoding == "identity" else None)
+
+    async def put(self, digest: Digest, spool: Spool) -> None:
+        await self._run(self._put, self.key(digest), spool)
+
+    def _put(self, key: str, spool: Spool) -> None:
+        extra: dict[str, Any] = {
+            "Metadata": {SIZE_METADATA: str(spool.size)},
+            "ContentType": "application/octet-stream",
+        }
+        if self.encoding != "identity":
+            extra["ContentEncoding"] = self.encoding
+        source = spool.open()
+        body = source if source is not None else io.BytesIO(spool.data or b"")
+        with body:
+            self.client.upload_fileobj(
+                EncodingReader(body, self.encoding),
+                self.bucket,
+                key,
+                ExtraArgs=extra,
+                Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20),
+            )
+
+    async def delete(self, digest: Digest) -> bool:
+        await self._run(self.client.delete_object, Bucket=self.bucket, Key=self.key(digest))
+        return True
+
+    def describe(self) -> dict[str, object]:
+        return {"url": self.url, "endpoint_url": self.endpoint_url}
+
+
+class _Missing(Exception):
+    """The object is not there (404): "not here", not a failure."""
