@@ -4,9 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from proxy.composite import Composite  # noqa: E402
-from proxy.digest import Digest, digest_of  # noqa: E402
-from proxy.errors import (  # noqa: E402
+from proxy.composite import Composite
+from proxy.digest import Digest, digest_of
+from proxy.errors import (
     BadDigest,
     CorruptBlob,
     DigestMismatch,
@@ -15,8 +15,8 @@ from proxy.errors import (  # noqa: E402
     TierError,
     UpstreamFailed,
 )
-from proxy.tier import Blob, Stat, Tier  # noqa: E402
-from proxy.tiers import APIOrigin, DiskTier, FsTier, HttpTier, S3Tier  # noqa: E402
+from proxy.tier import Blob, Stat, Tier
+from proxy.tiers import APIOrigin, DiskTier, FsTier, HttpTier, S3Tier
 
 __all__ = [
     "APIOrigin",

@@ -76,8 +76,13 @@ def serve(config: Config) -> int:
         raise ConfigError("server.workers > 1 is not supported yet; run one process per port")
     app = create_app(config)
     logger: Any = JsonAccessLogger if config.server.log_format == "json" else AccessLogger
-    log.info("casproxy %s serving on http://%s:%d (config: %s)", __version__, config.server.host,
-             config.server.port, config.source)
+    log.info(
+        "casproxy %s serving on http://%s:%d (config: %s)",
+        __version__,
+        config.server.host,
+        config.server.port,
+        config.source,
+    )
     web.run_app(
         app,
         host=config.server.host,

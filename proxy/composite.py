@@ -180,6 +180,11 @@ class Composite:
                     await tier.start()
                 self._started = True
 
+    async def wait_idle(self) -> None:
+        """Wait until every fill in flight has finished writing the caches."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -246,10 +251,11 @@ class Composite:
         if hit is not None:
             return hit
         fill = self._fills.get(digest)
+        if fill is None and await self.negative.contains(digest):
+            raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
+        fill = fill or self._fills.get(digest)  # another request may have started one meanwhile
         if fill is None:
-            if await self.negative.contains(digest):
-                raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
-            fill = self._fills.get(digest) or self._start_fill(digest)
+            fill = self._start_fill(digest)
         else:
             self.coalesced += 1
         fill.attach()

@@ -22,7 +22,6 @@ DEFAULT_PATH = "config.toml"
 SECRET_WORDS = ("token", "secret", "password", "access_key", "credential")
 
 
-
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -90,8 +89,14 @@ class Config:
 
 # The embedded default, identical to the repo's config.toml: no cloud account needed.
 DEFAULT_TIERS: list[dict[str, Any]] = [
-    {"name": "disk", "kind": "disk", "role": "cache", "path": "./data/cache",
-     "size_limit": "10 GiB", "min_free": "1 GiB"},
+    {
+        "name": "disk",
+        "kind": "disk",
+        "role": "cache",
+        "path": "./data/cache",
+        "size_limit": "10 GiB",
+        "min_free": "1 GiB",
+    },
     {"name": "local", "kind": "fs", "role": "source", "path": "./data/blobs"},
 ]
 
@@ -188,7 +193,7 @@ def _build_tier(table: Any, index: int, source: str) -> TierConfig:
             raise ConfigError(f"{where}.{key}: required string (in {source})")
     common = {k: table[k] for k in ("name", "kind", "role", "enabled") if k in table}
     options = {k: v for k, v in table.items() if k not in common}
-    tier = build_dataclass(TierConfig, common, where, source)
+    tier: TierConfig = build_dataclass(TierConfig, common, where, source)
     from proxy.tiers import check_options  # the tier kinds know their own keys
 
     check_options(tier.kind, options, f"{where} ({tier.name})", source)
@@ -266,7 +271,7 @@ def convert(value: Any, annotation: Any) -> Any:
             raise ValueError(f"{value!r} is not true or false")
         return value
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().lstrip("-").isdigit():
             raise ValueError(f"{value!r} is not a whole number")
         return int(value)
     if annotation is float:

@@ -8,6 +8,7 @@ the last one lets go, so a commit into the cache can never pull it from under a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -108,10 +109,8 @@ class Spool:
                 os.close(self._fd)
                 self._fd = None
             if self.path is not None:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
 
     # -- reading -------------------------------------------------------------------------
 
@@ -124,7 +123,7 @@ class Spool:
         """A private read handle on the spilled file; valid while a reference is held."""
         if self.path is None or self._memory is not None:
             return None
-        return open(self.path, "rb")  # noqa: SIM115 - the caller owns it
+        return open(self.path, "rb")
 
     async def wait_verified(self) -> None:
         while not self.verified:

@@ -57,6 +57,8 @@ class BytesBlob(Blob):
 class FileBlob(Blob):
     """A verified local file, open; the server can hand it to sendfile."""
 
+    size: int
+
     def __init__(self, file: BinaryIO, size: int) -> None:
         self.file = file
         self.size = size
@@ -66,9 +68,7 @@ class FileBlob(Blob):
         fd = self.file.fileno()
         offset = start
         while offset < self.size:
-            chunk = await loop.run_in_executor(
-                None, os.pread, fd, min(CHUNK_SIZE, self.size - offset), offset
-            )
+            chunk = await loop.run_in_executor(None, os.pread, fd, min(CHUNK_SIZE, self.size - offset), offset)
             if not chunk:
                 raise OSError(f"{self.file.name}: ends at {offset} of {self.size} bytes")
             offset += len(chunk)
@@ -155,4 +155,3 @@ class Tier(ABC):
     def describe(self) -> dict[str, object]:
         """State for /readyz and /stats."""
         return {}
-

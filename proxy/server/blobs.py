@@ -26,7 +26,7 @@ def digest_of(request: web.Request) -> Digest:
 def _algorithm(request: web.Request) -> Algorithm:
     algorithm = request.match_info["algorithm"]
     assert algorithm in ALGORITHMS
-    return algorithm  # type: ignore[return-value]
+    return algorithm
 
 
 def _headers(digest: Digest, tier: str, hit: bool) -> dict[str, str]:
@@ -91,7 +91,7 @@ def _send_blob(request: web.Request, blob: Blob, headers: dict[str, str]) -> web
         raise
     if isinstance(blob, BytesBlob):
         start, end = span or (0, blob.size)
-        response = web.Response(body=blob.data[start:end] if span else blob.data, headers=headers)
+        response: web.StreamResponse = web.Response(body=blob.data[start:end] if span else blob.data, headers=headers)
         if span is not None:
             response.set_status(206)
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"

@@ -56,7 +56,9 @@ def _blob_routes(algorithm: str) -> dict[str, Any]:
                             "schema": {
                                 "type": "object",
                                 "required": ["hashes"],
-                                "properties": {"hashes": {"type": "array", "maxItems": 10000, "items": {"type": "string"}}},
+                                "properties": {
+                                    "hashes": {"type": "array", "maxItems": 10000, "items": {"type": "string"}}
+                                },
                             }
                         }
                     }

@@ -37,7 +37,8 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         if error.status < 400:
             raise
         headers = {k: v for k, v in error.headers.items() if k.lower() in ("allow", "retry-after")}
-        return problem(error.status, _HTTP_TYPES.get(error.status, "http-error"), error.reason, error.text or error.reason, headers)
+        type_ = _HTTP_TYPES.get(error.status, "http-error")
+        return problem(error.status, type_, error.reason, error.text or error.reason, headers)
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         return problem(500, "internal", "Internal error", "the error was logged")

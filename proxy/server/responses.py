@@ -59,7 +59,7 @@ class SendfileResponse(web.StreamResponse):
         super().__init__(status=status)
         self._file: BinaryIO = blob.file
         self._blob = blob
-        self._start = start
+        self._offset = start
         self._count = end - start
         self.content_length = self._count
 
@@ -71,9 +71,9 @@ class SendfileResponse(web.StreamResponse):
                 if transport is None:
                     raise ConnectionResetError("connection lost")
                 try:
-                    await asyncio.get_running_loop().sendfile(transport, self._file, self._start, self._count)
+                    await asyncio.get_running_loop().sendfile(transport, self._file, self._offset, self._count)
                 except NotImplementedError:  # TLS or an odd transport: copy through Python
-                    async for chunk in self._blob.chunks(self._start):
+                    async for chunk in self._blob.chunks(self._offset):
                         await self.write(chunk[: self._count])
                         self._count -= len(chunk)
                         if self._count <= 0:

@@ -9,6 +9,7 @@ to store or load pickles, since diskcache would unpickle whatever it finds in it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import stat
@@ -81,10 +82,8 @@ class HotCache:
     def get(self, key: str) -> bytes | None:
         data = self._items.get(key)
         if data is not None:
-            try:
+            with contextlib.suppress(KeyError):  # evicted meanwhile: still a good copy
                 self._items.move_to_end(key)
-            except KeyError:  # evicted by another thread in between: still a good copy
-                pass
         return data
 
     def add(self, key: str, data: bytes) -> None:
@@ -192,17 +191,18 @@ class DiskTier(Tier):
 
     def _read(self, digest: Digest) -> bytes | tuple[BinaryIO, int] | None:
         try:
-            value = self.cache.get(digest, read=True)
+            value: Any = self.cache.get(digest, read=True)
         except (OSError, ValueError) as error:  # file evicted under us, or a foreign entry
             raise TierError(f"{self.name}: {error}") from error
-        if value is None or isinstance(value, bytes):
-            if value is not None:
-                self.hot.add(digest, value)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            self.hot.add(digest, value)
             return value
         size = os.fstat(value.fileno()).st_size
         if size <= self.hot.item_limit:
-            data = value.read()
-            value.close()
+            with value:
+                data: bytes = value.read()
             self.hot.add(digest, data)
             return data
         return value, size

@@ -38,9 +38,7 @@ class HttpTier(Tier):
         self.url = url
         self._headers = headers or {}
         self._limit = max_connections
-        self._client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout
-        )
+        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:

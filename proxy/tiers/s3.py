@@ -139,9 +139,7 @@ class S3Tier(Tier):
         if self.encoding == "identity":
             return StreamBlob(raw, response.get("ContentLength"), self._closer(body))
         size = response.get("Metadata", {}).get(SIZE_METADATA)
-        return StreamBlob(
-            decode_stream(raw, self.encoding), int(size) if size else None, self._closer(body)
-        )
+        return StreamBlob(decode_stream(raw, self.encoding), int(size) if size else None, self._closer(body))
 
     async def _read_body(self, body: Any) -> AsyncIterator[bytes]:
         while True:

@@ -1,0 +1,187 @@
+"""Shared fixtures: real servers on ephemeral ports (moto's S3, small aiohttp upstreams) and
+a proxy built from a TOML config exactly as users write it."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from moto.server import ThreadedMotoServer
+
+from proxy.config import Config, load_config
+from proxy.server.app import create_app
+
+_counter = itertools.count()
+
+
+def make_blob(size: int, seed: int | None = None, algorithm: str = "sha1") -> tuple[bytes, str]:
+    """Deterministic pseudo-random bytes (so failures reproduce) and their digest."""
+    seed = next(_counter) if seed is None else seed
+    block = hashlib.sha512(f"blob-{seed}".encode()).digest()
+    data = (block * (size // len(block) + 1))[:size]
+    if size >= 8:  # make every blob of a test unique even when sizes repeat
+        data = seed.to_bytes(8, "big") + data[8:]
+    return data, hashlib.new(algorithm, data).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def write_config(path: Path, tiers: list[dict[str, Any]], **sections: dict[str, Any]) -> Path:
+    """A config.toml as a user would write it."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    for tier in tiers:
+        lines.append("[[tiers]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in tier.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Bucket:
+    name: str
+    client: Any
+    endpoint: str
+
+    def url(self, prefix: str = "") -> str:
+        return f"s3://{self.name}/{prefix}"
+
+    def tier(self, name: str, prefix: str = "", **options: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "kind": "s3",
+            "url": self.url(prefix),
+            "endpoint_url": self.endpoint,
+            "region": "us-east-1",
+            **options,
+        }
+
+    def put(self, key: str, data: bytes, **extra: Any) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data, **extra)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.name, Key=key)["Body"].read())
+
+    def keys(self) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server, spoken to over real HTTP."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> Bucket:
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    name = f"test-bucket-{next(_counter)}"
+    client.create_bucket(Bucket=name)
+    return Bucket(name, client, s3_endpoint)
+
+
+ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Start a proxy in-process on a real port from a list of tier tables."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def factory(
+        tiers: list[dict[str, Any]], **sections: dict[str, Any]
+    ) -> TestClient[web.Request, web.Application]:
+        path = write_config(tmp_path / f"config-{len(clients)}.toml", tiers, **sections)
+        config: Config = load_config(str(path), environ={})
+        client = TestClient(TestServer(create_app(config)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.close()
+
+
+@dataclass
+class Upstream:
+    """A small aiohttp app standing in for an origin, counting the requests it gets."""
+
+    app: web.Application
+    blobs: dict[str, bytes]
+    requests: list[str]
+    url: str = ""
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    servers: list[TestServer] = []
+
+    async def factory(
+        handler: Callable[[web.Request, Upstream], Awaitable[web.StreamResponse]] | None = None,
+    ) -> Upstream:
+        state = Upstream(web.Application(), {}, [])
+
+        async def default(request: web.Request, up: Upstream) -> web.StreamResponse:
+            data = up.blobs.get(request.match_info["hash"])
+            if data is None:
+                raise web.HTTPNotFound()
+            return web.Response(body=data)
+
+        chosen = handler or default
+
+        async def route(request: web.Request) -> web.StreamResponse:
+            state.requests.append(request.match_info["hash"])
+            return await chosen(request, state)
+
+        state.app.router.add_route("*", "/blobs/{hash}", route)
+        server = TestServer(state.app)
+        await server.start_server()
+        servers.append(server)
+        state.url = str(server.make_url("/blobs/{hash}"))
+        return state
+
+    yield factory
+    for server in servers:
+        await server.close()
