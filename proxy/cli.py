@@ -12,7 +12,8 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, load_config, redacted
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, ProxyError
+from proxy.units import parse_duration
 
 log = logging.getLogger("casproxy")
 
@@ -30,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="print the resolved config, secrets redacted")
     _config_flag(check)
+
+    ticket = commands.add_parser("ticket", help="sign a ticket (an expiring URL) for a blob, offline")
+    ticket.add_argument("hash", help="the blob's sha1 or sha256")
+    ticket.add_argument("--ttl", default=None, help="how long it is valid, e.g. 1h (default: auth.ticket_ttl)")
+    _config_flag(ticket)
     return parser
 
 
@@ -45,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.config, overrides={"server": {"host": args.host, "port": args.port, "workers": args.workers}}
             )
             return serve(config)
+        if args.command == "ticket":
+            return sign_ticket(load_config(args.config), args.hash, args.ttl)
         if args.command == "check-config":
             config = load_config(args.config)
             print(json.dumps({"source": config.source, **redacted(config)}, indent=2, default=list))
@@ -52,11 +60,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"casproxy: config error: {error}", file=sys.stderr)
         return 2
+    except ProxyError as error:
+        print(f"casproxy: {error.detail}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"casproxy: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def sign_ticket(config: Config, text: str, ttl: str | None) -> int:
+    from proxy.digest import Digest
+    from proxy.service import build_service
+
+    digest = Digest.parse(text)
+    seconds = parse_duration(ttl) if ttl is not None else None
+    print(json.dumps(build_service(config).signer.ticket(digest, None, seconds).as_json()))
     return 0
 
 
@@ -68,10 +89,12 @@ def setup_logging(config: Config) -> None:
 def serve(config: Config) -> int:
     from aiohttp import web
 
+    from proxy.access import check_exposure
     from proxy.server.accesslog import AccessLogger, JsonAccessLogger
     from proxy.server.app import create_app
 
     setup_logging(config)
+    check_exposure(config)
     if config.server.workers > 1:
         raise ConfigError("server.workers > 1 is not supported yet; run one process per port")
     app = create_app(config)

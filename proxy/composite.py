@@ -24,7 +24,7 @@ from typing import Any
 
 from proxy.breaker import Breaker
 from proxy.digest import Digest
-from proxy.errors import CorruptBlob, NotFound, TierError, UpstreamFailed
+from proxy.errors import ConfigError, CorruptBlob, NotFound, TierError, UpstreamFailed
 from proxy.negative import NegativeCache
 from proxy.spool import Spool, SpoolFailed
 from proxy.tier import CHUNK_SIZE, Blob, FileBlob, Stat, Tier
@@ -163,6 +163,10 @@ class Composite:
         tier.role = "cache"
         return tier
 
+    @property
+    def spool_dir(self) -> str | None:
+        return self._spool_dir
+
     def tier(self, name: str) -> Tier:
         for tier in self.tiers:
             if tier.name == name:
@@ -177,8 +181,19 @@ class Composite:
         async with self._start_lock:
             if not self._started:
                 for tier in self.tiers:
-                    await tier.start()
+                    await self._start_tier(tier)
                 self._started = True
+
+    async def _start_tier(self, tier: Tier) -> None:
+        """A tier that cannot start yet (a store that is down) fails its calls until it can;
+        only a configuration mistake stops the whole store from starting."""
+        try:
+            await tier.start()
+        except ConfigError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the tier reports itself failing on use
+            self.breakers[tier.name].failed()
+            log.error("tier %s could not start: %r", tier.name, error)
 
     async def wait_idle(self) -> None:
         """Wait until every fill in flight has finished writing the caches."""

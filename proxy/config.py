@@ -58,6 +58,7 @@ class NegativeCacheConfig:
 class UploadsConfig:
     targets: tuple[str, ...] = ("local",)
     bulk_data_tier: str = ""
+    queue_path: str = ""  # the durable replication queue; default: "queue" in the state folder
 
 
 @dataclass(frozen=True)

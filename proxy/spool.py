@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
-from proxy.digest import Digest
+from proxy.digest import Algorithm, Digest
 from proxy.errors import CorruptBlob, TooLarge
 from proxy.tier import CHUNK_SIZE
 
@@ -31,12 +32,15 @@ class Spool:
 
     def __init__(
         self,
-        digest: Digest,
+        digest: Digest | None,
         directory: str | None = None,
         memory_limit: int = CHUNK_SIZE,
         max_size: int | None = None,
+        algorithm: Algorithm = "sha1",
     ) -> None:
-        self.digest = digest
+        # With no digest to check against (POST uploads), finish() names the blob instead.
+        self.expected = digest
+        self.digest: Digest | None = digest
         self.size = 0
         self.path: str | None = None
         self.verified = False
@@ -44,7 +48,7 @@ class Spool:
         self._directory = directory
         self._memory_limit = memory_limit
         self._max_size = max_size
-        self._hasher = digest.hasher()
+        self._hasher = hashlib.new(digest.algorithm if digest else algorithm)
         self._memory: bytearray | None = bytearray()
         self._fd: int | None = None
         self._refs = 1  # the writer's
@@ -77,11 +81,12 @@ class Spool:
 
     async def finish(self) -> None:
         """Check the digest: verified on a match, otherwise the spool fails with CorruptBlob."""
-        actual = self._hasher.hexdigest()
-        if actual != self.digest:
-            error = CorruptBlob(f"bytes hash to {actual}, not {self.digest}")
+        actual = Digest(self._hasher.hexdigest())
+        if self.expected is not None and actual != self.expected:
+            error = CorruptBlob(f"bytes hash to {actual}, not {self.expected}")
             self.fail(error)
             raise error
+        self.digest = actual
         self.verified = True
         self._notify()
 

@@ -7,13 +7,10 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 from proxy.digest import Digest
 from proxy.errors import TierError
-
-if TYPE_CHECKING:
-    from proxy.spool import Spool
 
 Role = Literal["cache", "source"]
 CHUNK_SIZE = 1 << 20  # large reads amortise the executor hop and hashing call overhead
@@ -108,6 +105,30 @@ class StreamBlob(Blob):
             await aclose()
 
 
+class Payload(Protocol):
+    """A complete, verified blob to store: in memory (``data``) or in a local file (``path``)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def data(self) -> bytes | None: ...
+    @property
+    def path(self) -> str | None: ...
+    def open(self) -> BinaryIO | None: ...
+
+
+@dataclass(frozen=True)
+class FilePayload:
+    """A verified blob kept in a local file (e.g. waiting in the replication queue)."""
+
+    path: str
+    size: int
+    data: None = None
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+
 @dataclass(frozen=True, slots=True)
 class Stat:
     """A tier's cheap answer to "do you have it?": yes, with the size when it knows it."""
@@ -144,7 +165,7 @@ class Tier(ABC):
         await blob.close()
         return Stat(blob.size)
 
-    async def put(self, digest: Digest, spool: Spool) -> None:
+    async def put(self, digest: Digest, payload: Payload) -> None:
         """Store a verified blob. Sources that cannot be written raise TierError."""
         raise TierError(f"{self.name}: this {type(self).__name__} cannot be written")
 

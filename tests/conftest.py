@@ -125,8 +125,9 @@ ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]
 
 
 @pytest.fixture
-async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+async def make_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ProxyFactory]:
     """Start a proxy in-process on a real port from a list of tier tables."""
+    monkeypatch.chdir(tmp_path)  # anything relative (./data) lands in the test's folder
     clients: list[TestClient[web.Request, web.Application]] = []
 
     async def factory(

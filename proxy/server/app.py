@@ -9,11 +9,11 @@ from aiohttp import web
 from proxy.composite import Composite
 from proxy.config import Config
 from proxy.errors import BadDigest
-from proxy.server import blobs, ops
-from proxy.server.keys import CONFIG, STORE
+from proxy.server import blobs, ops, uploads
+from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.openapi import openapi
 from proxy.server.problems import problems_middleware
-from proxy.store import build_store
+from proxy.service import build_service
 
 _ALGORITHM = "{algorithm:sha1|sha256}"
 
@@ -29,18 +29,25 @@ async def _openapi(request: web.Request) -> web.Response:
 
 def create_app(config: Config, store: Composite | None = None) -> web.Application:
     app = web.Application(middlewares=[problems_middleware], client_max_size=1 << 20)
+    service = build_service(config, store)
     app[CONFIG] = config
-    app[STORE] = store if store is not None else build_store(config)
+    app[SERVICE] = service
+    app[STORE] = service.store
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        await app[STORE].start()
+        await service.start()
         yield
-        await app[STORE].close()
+        await service.close()
 
     app.cleanup_ctx.append(lifetime)
     router = app.router
     router.add_post(f"/{_ALGORITHM}/missing", blobs.post_missing)
-    router.add_get(f"/{_ALGORITHM}/{{hash:[^/]+}}", blobs.get_blob)  # GET also answers HEAD
+    router.add_post(f"/{_ALGORITHM}", uploads.post_blob)
+    blob = router.add_resource(f"/{_ALGORITHM}/{{hash:[^/]+}}")
+    blob.add_route("GET", blobs.get_blob)
+    blob.add_route("HEAD", blobs.get_blob)
+    blob.add_route("PUT", uploads.put_blob)
+    blob.add_route("DELETE", uploads.delete_blob)
     router.add_route("*", f"/{_ALGORITHM}/{{rest:.*}}", _not_a_digest)
     router.add_get("/healthz", ops.healthz)
     router.add_get("/readyz", ops.readyz)

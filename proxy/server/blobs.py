@@ -10,7 +10,7 @@ from aiohttp import web
 from proxy.composite import Composite, Fill, Opened
 from proxy.digest import ALGORITHMS, Algorithm, Digest
 from proxy.errors import BadRequest
-from proxy.server.keys import CONFIG, STORE
+from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.responses import SendfileResponse, etag_matches, parse_range, send_stream
 from proxy.tier import Blob, BytesBlob, FileBlob, Tier
 
@@ -20,10 +20,10 @@ CACHE_CONTROL = "public, max-age=31536000, immutable"  # a name never changes it
 
 
 def digest_of(request: web.Request) -> Digest:
-    return Digest.parse(request.match_info["hash"], _algorithm(request))
+    return Digest.parse(request.match_info["hash"], algorithm_of(request))
 
 
-def _algorithm(request: web.Request) -> Algorithm:
+def algorithm_of(request: web.Request) -> Algorithm:
     algorithm = request.match_info["algorithm"]
     assert algorithm in ALGORITHMS
     return algorithm
@@ -42,6 +42,10 @@ def _headers(digest: Digest, tier: str, hit: bool) -> dict[str, str]:
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = digest_of(request)
+    # Tickets sign the canonical path, whatever case the client wrote the name in.
+    request.app[SERVICE].access.check_read(
+        f"/{digest.algorithm}/{digest}", request.query, request.headers.get("Authorization")
+    )
     if etag_matches(request.headers.get("If-None-Match"), f'"{digest}"'):
         # Content-addressed: a client holding this ETag holds exactly these bytes.
         return web.Response(status=304, headers={"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL})
@@ -142,7 +146,7 @@ async def _worth_streaming(fill: Fill, threshold: int) -> bool:
 
 async def post_missing(request: web.Request) -> web.Response:
     """{"hashes": [...]} -> {"missing": [...]}: which of them no tier has."""
-    algorithm = _algorithm(request)
+    algorithm = algorithm_of(request)
     try:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -6,6 +6,8 @@ from aiohttp import web
 
 from proxy.composite import Composite
 from proxy.config import Config
+from proxy.service import Service
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Composite)
+SERVICE = web.AppKey("service", Service)
+STORE = web.AppKey("store", Composite)  # the same as app[SERVICE].store, for the read path

@@ -22,8 +22,8 @@ import diskcache
 
 from proxy.digest import Digest
 from proxy.errors import ConfigError, TierError
-from proxy.spool import SPOOL_PREFIX, Spool
-from proxy.tier import Blob, BytesBlob, FileBlob, Role, Stat, Tier
+from proxy.spool import SPOOL_PREFIX
+from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Role, Stat, Tier
 from proxy.units import SizeArg, parse_size
 
 DEFAULT_SIZE_LIMIT = 10 << 30
@@ -223,9 +223,9 @@ class DiskTier(Tier):
         file.close()
         return Stat(size)
 
-    async def put(self, digest: Digest, spool: Spool) -> None:
+    async def put(self, digest: Digest, payload: Payload) -> None:
         try:
-            await self._run(self._put, digest, spool.data, spool.path, spool.size)
+            await self._run(self._put, digest, payload.data, payload.path, payload.size)
         except OSError as error:
             raise TierError(f"{self.name}: cannot store {digest}: {error}") from error
 

@@ -18,8 +18,7 @@ from typing import Any, BinaryIO
 from proxy.digest import Digest
 from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, object_key
 from proxy.errors import TierError
-from proxy.spool import Spool
-from proxy.tier import CHUNK_SIZE, Blob, FileBlob, Role, Stat, StreamBlob, Tier
+from proxy.tier import CHUNK_SIZE, Blob, FileBlob, Payload, Role, Stat, StreamBlob, Tier
 
 _TEMP_PREFIX = ".casproxy-tmp-"
 
@@ -77,21 +76,21 @@ class FsTier(Tier):
             raise TierError(f"{self.name}: {error}") from error
         return Stat(info.st_size if self.encoding == "identity" else None)
 
-    async def put(self, digest: Digest, spool: Spool) -> None:
+    async def put(self, digest: Digest, payload: Payload) -> None:
         try:
-            await self._run(self._put, self._path(digest), spool)
+            await self._run(self._put, self._path(digest), payload)
         except OSError as error:
             raise TierError(f"{self.name}: cannot store {digest}: {error}") from error
 
-    def _put(self, target: str, spool: Spool) -> None:
+    def _put(self, target: str, payload: Payload) -> None:
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
         try:
             with os.fdopen(fd, "wb") as out:
-                source = spool.open()
+                source = payload.open()
                 if source is None:
-                    data = spool.data or b""
+                    data = payload.data or b""
                     out.write(EncodingReader(io.BytesIO(data), self.encoding).read())
                 else:
                     with source:

@@ -20,8 +20,7 @@ from boto3.s3.transfer import TransferConfig
 from proxy.digest import Digest
 from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, object_key
 from proxy.errors import ConfigError, TierError
-from proxy.spool import Spool
-from proxy.tier import CHUNK_SIZE, Blob, Role, Stat, StreamBlob, Tier
+from proxy.tier import CHUNK_SIZE, Blob, Payload, Role, Stat, StreamBlob, Tier
 
 SIZE_METADATA = "casproxy-size"  # decoded size, so HEAD knows it even for encoded objects
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -164,18 +163,18 @@ class S3Tier(Tier):
             return Stat(int(size))
         return Stat(response.get("ContentLength") if self.encoding == "identity" else None)
 
-    async def put(self, digest: Digest, spool: Spool) -> None:
-        await self._run(self._put, self.key(digest), spool)
+    async def put(self, digest: Digest, payload: Payload) -> None:
+        await self._run(self._put, self.key(digest), payload)
 
-    def _put(self, key: str, spool: Spool) -> None:
+    def _put(self, key: str, payload: Payload) -> None:
         extra: dict[str, Any] = {
-            "Metadata": {SIZE_METADATA: str(spool.size)},
+            "Metadata": {SIZE_METADATA: str(payload.size)},
             "ContentType": "application/octet-stream",
         }
         if self.encoding != "identity":
             extra["ContentEncoding"] = self.encoding
-        source = spool.open()
-        body = source if source is not None else io.BytesIO(spool.data or b"")
+        source = payload.open()
+        body = source if source is not None else io.BytesIO(payload.data or b"")
         with body:
             self.client.upload_fileobj(
                 EncodingReader(body, self.encoding),

@@ -1,0 +1,50 @@
+"""PUT/POST of blobs (answered with tickets) and DELETE from the caches."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.errors import TooLarge
+from proxy.server.blobs import algorithm_of, digest_of
+from proxy.server.keys import SERVICE
+from proxy.service import Service
+from proxy.tier import CHUNK_SIZE
+from proxy.uploads import Stored
+
+
+def _check_declared_size(request: web.Request, service: Service) -> None:
+    limit = service.config.server.max_upload_size
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the body is {request.content_length} bytes; server.max_upload_size is {limit}")
+
+
+def _ticket_response(service: Service, stored: Stored) -> web.Response:
+    ticket = service.signer.ticket(stored.digest, stored.size)
+    return web.json_response(ticket.as_json(), status=201 if stored.created else 200)
+
+
+async def put_blob(request: web.Request) -> web.Response:
+    """PUT /sha1/{hash}: the (decoded) body must hash to the name; nothing is stored otherwise."""
+    service = request.app[SERVICE]
+    service.access.check_upload(request.headers.get("Authorization"))
+    digest = digest_of(request)
+    _check_declared_size(request, service)
+    stored = await service.uploader.receive(request.content.iter_chunked(CHUNK_SIZE), digest)
+    return _ticket_response(service, stored)
+
+
+async def post_blob(request: web.Request) -> web.Response:
+    """POST /sha1: the server names the blob by hashing it."""
+    service = request.app[SERVICE]
+    service.access.check_upload(request.headers.get("Authorization"))
+    _check_declared_size(request, service)
+    stored = await service.uploader.receive(request.content.iter_chunked(CHUNK_SIZE), algorithm=algorithm_of(request))
+    return _ticket_response(service, stored)
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    """DELETE /sha1/{hash} (admin): drop it from the cache tiers; sources keep it."""
+    service = request.app[SERVICE]
+    service.access.check_admin(request.headers.get("Authorization"))
+    await service.store.delete(digest_of(request))
+    return web.Response(status=204)

@@ -1,0 +1,61 @@
+"""Builds the domain from the configuration: the tiers behind one Composite, uploads, the
+replication queue, tickets and access rules. Nothing here knows about HTTP."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from proxy.access import Access
+from proxy.composite import Composite
+from proxy.config import Config
+from proxy.negative import NegativeCache
+from proxy.replication import ReplicationQueue
+from proxy.tickets import Signer, load_secret
+from proxy.tiers import DiskTier, build_tier
+from proxy.uploads import Uploader
+
+
+@dataclass
+class Service:
+    config: Config
+    store: Composite
+    uploader: Uploader
+    queue: ReplicationQueue
+    signer: Signer
+    access: Access
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.queue.start()
+
+    async def close(self) -> None:
+        await self.queue.close()
+        await self.store.wait_idle()
+        await self.store.close()
+
+
+def build_store(config: Config) -> Composite:
+    return Composite(
+        [build_tier(tier, config.source) for tier in config.tiers],
+        negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl),
+    )
+
+
+def state_dir(store: Composite) -> str:
+    """Where generated state lives: the first disk cache's folder (private, 0700), else ./data."""
+    for tier in store.tiers:
+        if isinstance(tier, DiskTier):
+            return tier.path
+    return os.path.abspath("./data")
+
+
+def build_service(config: Config, store: Composite | None = None) -> Service:
+    store = store if store is not None else build_store(config)
+    targets = [store.tier(name) for name in config.uploads.targets]
+    state = state_dir(store)
+    queue_path = config.uploads.queue_path or os.path.join(state, "queue")
+    queue = ReplicationQueue(queue_path, {tier.name: tier for tier in targets[1:]})
+    signer = Signer(load_secret(config.auth.ticket_secret, state), config.server.base_url, config.auth.ticket_ttl)
+    uploader = Uploader(store, targets, queue, config.server.max_upload_size, store.spool_dir)
+    return Service(config, store, uploader, queue, signer, Access(config, signer))

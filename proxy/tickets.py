@@ -1,0 +1,84 @@
+"""Tickets: signed, expiring URLs that let whoever holds one read a blob (HMAC-SHA256)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from proxy.digest import Digest
+from proxy.errors import Forbidden, TicketExpired
+
+SECRET_FILE = "ticket_secret"
+
+
+@dataclass(frozen=True)
+class Ticket:
+    digest: Digest
+    size: int | None  # None when signed offline, without looking the blob up
+    url: str
+    ticket: str
+    expires: int
+
+    def as_json(self) -> dict[str, object]:
+        answer: dict[str, object] = {self.digest.algorithm: str(self.digest)}
+        if self.size is not None:
+            answer["size"] = self.size
+        return {**answer, "url": self.url, "ticket": self.ticket, "expires": self.expires}
+
+
+class Signer:
+    """Signs and checks ``path`` + ``expires`` with a secret key."""
+
+    def __init__(self, secret: bytes, base_url: str, ttl: float) -> None:
+        if len(secret) < 16:
+            raise ValueError("a ticket secret needs at least 16 bytes")
+        self._key = secret
+        self.base_url = base_url.rstrip("/")
+        self.ttl = ttl
+
+    def signature(self, path: str, expires: int) -> str:
+        message = f"{path}\n{expires}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def sign(self, path: str, ttl: float | None = None, now: float | None = None) -> tuple[str, int]:
+        """The query string granting access to ``path``, and its expiry (unix seconds)."""
+        expires = int((now or time.time()) + (self.ttl if ttl is None else ttl))
+        return urlencode({"expires": expires, "sig": self.signature(path, expires)}), expires
+
+    def ticket(self, digest: Digest, size: int | None, ttl: float | None = None) -> Ticket:
+        path = f"/{digest.algorithm}/{digest}"
+        query, expires = self.sign(path, ttl)
+        url = f"{self.base_url}{path}"
+        return Ticket(digest, size, url, f"{url}?{query}", expires)
+
+    def verify(self, path: str, expires: str | None, sig: str | None, now: float | None = None) -> None:
+        """Raise Forbidden for a missing or tampered signature, TicketExpired for an old one."""
+        if not expires or not sig or not expires.isdigit():
+            raise Forbidden("a valid ticket (expires and sig) or a bearer token is required")
+        # Constant-time: never tell an attacker how much of a guessed signature was right.
+        if not hmac.compare_digest(self.signature(path, int(expires)), sig.lower()):
+            raise Forbidden("the ticket's signature does not match")
+        if int(expires) < (now or time.time()):
+            raise TicketExpired(f"the ticket expired at {expires}")
+
+
+def load_secret(configured: str, directory: str) -> bytes:
+    """The configured secret, or one generated once and kept 0600 in ``directory``."""
+    if configured:
+        return configured.encode()
+    path = os.path.join(directory, SECRET_FILE)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, "rb") as file:
+            return file.read().strip()
+    with os.fdopen(fd, "wb") as file:
+        file.write(secrets.token_hex(32).encode())
+    with open(path, "rb") as file:
+        return file.read().strip()
