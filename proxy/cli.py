@@ -6,16 +6,24 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import aiohttp
 
 from proxy import __version__
+from proxy.client import DEFAULT_URL, AsyncClient
 from proxy.config import Config, load_config, redacted
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ConfigError, Forbidden, ProxyError, Unauthorized
 from proxy.units import parse_duration
 
 log = logging.getLogger("casproxy")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,11 +44,32 @@ def _parser() -> argparse.ArgumentParser:
     ticket.add_argument("hash", help="the blob's sha1 or sha256")
     ticket.add_argument("--ttl", default=None, help="how long it is valid, e.g. 1h (default: auth.ticket_ttl)")
     _config_flag(ticket)
+
+    put = commands.add_parser("put", help="upload files; print one ticket JSON per line, in order")
+    put.add_argument("files", nargs="+", metavar="FILE", help="files to upload")
+    _server_flags(put, jobs=4)
+
+    get = commands.add_parser("get", help="download blobs, verified, into files named by their hash")
+    get.add_argument("refs", nargs="+", metavar="HASH", help="sha1 or sha256 hex digest, or a ticket URL")
+    get.add_argument("-o", "--output", help="directory for the files (default: .); with one HASH, may be a file")
+    _server_flags(get, jobs=16)
     return parser
 
 
 def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="config file (default: $CASPROXY_CONFIG or ./config.toml)")
+
+
+def _server_flags(parser: argparse.ArgumentParser, jobs: int) -> None:
+    parser.add_argument("--url", help=f"the proxy (default: $CASPROXY_URL or {DEFAULT_URL})")
+    parser.add_argument("--token", help="bearer token (default: $CASPROXY_TOKEN)")
+    parser.add_argument("-j", "--jobs", type=_positive, default=jobs, help=f"transfers at once (default: {jobs})")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"want a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(config)
         if args.command == "ticket":
             return sign_ticket(load_config(args.config), args.hash, args.ttl)
+        if args.command in ("put", "get"):
+            return transfer(args)
         if args.command == "check-config":
             config = load_config(args.config)
             print(json.dumps({"source": config.source, **redacted(config)}, indent=2, default=list))
@@ -79,6 +110,157 @@ def sign_ticket(config: Config, text: str, ttl: str | None) -> int:
     seconds = parse_duration(ttl) if ttl is not None else None
     print(json.dumps(build_service(config).signer.ticket(digest, None, seconds).as_json()))
     return 0
+
+
+def transfer(args: argparse.Namespace) -> int:
+    """``put`` or ``get``. A failure of one item is reported and the others go on; one that
+    would fail every item (no server, no valid token) stops the lot. Either way: exit 1."""
+    client = AsyncClient(
+        args.url or os.environ.get("CASPROXY_URL") or DEFAULT_URL, args.token or os.environ.get("CASPROXY_TOKEN")
+    )
+    try:
+        if args.command == "put":
+            return asyncio.run(put_files(client, args.files, args.jobs))
+        return asyncio.run(get_blobs(client, args.refs, args.output, args.jobs))
+    except aiohttp.ClientConnectorError as error:
+        print(f"casproxy: cannot reach {client.base_url}: {error.os_error.strerror or error}", file=sys.stderr)
+    except Unauthorized as error:
+        print(f"casproxy: {error.detail} (use --token or CASPROXY_TOKEN)", file=sys.stderr)
+    except Forbidden as error:
+        print(f"casproxy: {error.detail}", file=sys.stderr)
+    return 1
+
+
+async def put_files(client: AsyncClient, files: Sequence[str], jobs: int) -> int:
+    sizes = [os.stat(f).st_size if os.path.isfile(f) else 0 for f in files]
+    progress = _Progress("put", len(files), sum(sizes))
+
+    def done(_: str, ticket: Any) -> None:
+        progress.clear()
+        print(json.dumps(ticket.as_json()), flush=True)
+
+    async with client:
+        return await _in_order(files, jobs, lambda f: client.put(f, progress=progress.add), done, progress)
+
+
+async def get_blobs(client: AsyncClient, refs: Sequence[str], output: str | None, jobs: int) -> int:
+    # One HASH and an -o that is not a directory: -o names the file itself.
+    single = len(refs) == 1 and output is not None and not output.endswith(("/", os.sep)) and not os.path.isdir(output)
+    folder = Path(output or ".")
+    (folder.parent if single else folder).mkdir(parents=True, exist_ok=True)
+    progress = _Progress("get", len(refs), None)
+
+    async def fetch(ref: str) -> int:
+        digest, _ = client.locate(ref)
+        return await client.download(ref, folder if single else folder / digest, progress=progress.add)
+
+    async with client:
+        return await _in_order(refs, jobs, fetch, lambda _, __: None, progress)
+
+
+_FATAL = (aiohttp.ClientConnectorError, Unauthorized, Forbidden)
+
+
+async def _in_order(
+    items: Sequence[T],
+    jobs: int,
+    work: Callable[[T], Awaitable[R]],
+    done: Callable[[T, R], None],
+    progress: _Progress,
+) -> int:
+    """``work`` on every item, ``jobs`` at a time; results go to ``done`` in input order."""
+    limit = asyncio.Semaphore(jobs)
+
+    async def one(item: T) -> R:
+        async with limit:
+            result = await work(item)
+            progress.item_done()
+            return result
+
+    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    failed = False
+    try:
+        for item, task in zip(items, tasks, strict=True):
+            try:
+                result = await task
+            except _FATAL:
+                raise
+            except (ProxyError, OSError, ValueError, aiohttp.ClientError, TimeoutError) as error:
+                failed = True
+                progress.clear()
+                print(f"casproxy: {item}: {_describe(error)}", file=sys.stderr)
+            else:
+                done(item, result)
+    finally:
+        progress.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return 1 if failed else 0
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ProxyError):
+        return error.detail
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+class _Progress:
+    """One status line on stderr, only on a terminal and only for transfers long enough to
+    watch; anything else printed clears it first."""
+
+    def __init__(self, verb: str, count: int, total: int | None, stream: TextIO | None = None, delay: float = 1.0):
+        self.verb, self.count, self.total, self.delay = verb, count, total, delay
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.started = time.monotonic()
+        self.drawn_at = 0.0
+        self.shown = False
+        self.bytes = 0
+        self.items = 0
+
+    def add(self, size: int) -> None:
+        self.bytes += size
+        self._draw()
+
+    def item_done(self) -> None:
+        self.items += 1
+        self._draw()
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        # At most 5 redraws a second: a terminal is slow, and a fast transfer calls this a lot.
+        if not self.enabled or now - self.started < self.delay or now - self.drawn_at < 0.2:
+            return
+        self.drawn_at = now
+        rate = self.bytes / max(now - self.started, 1e-9)
+        line = f"{self.verb}: {self.items}/{self.count} files, {_human(self.bytes)}"
+        if self.total:
+            left = (self.total - self.bytes) / rate if rate else 0
+            line += f" of {_human(self.total)}, {_human(rate)}/s, {left:.0f}s left"
+        else:
+            line += f", {_human(rate)}/s"
+        self.stream.write(f"\r\033[K{line}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def setup_logging(config: Config) -> None:

@@ -66,11 +66,13 @@ async def decode_stream(chunks: AsyncIterator[bytes], encoding: Encoding) -> Asy
         raise ValueError(f"{encoding} stream is truncated")
 
 
+def encoder(encoding: Encoding) -> zlib._Compress | None:
+    return None if encoding == "identity" else zlib.compressobj(6, zlib.DEFLATED, _WBITS[encoding])
+
+
 def encode_bytes(data: bytes, encoding: Encoding) -> bytes:
-    if encoding == "identity":
-        return data
-    comp = zlib.compressobj(6, zlib.DEFLATED, _WBITS[encoding])
-    return comp.compress(data) + comp.flush()
+    comp = encoder(encoding)
+    return data if comp is None else comp.compress(data) + comp.flush()
 
 
 def decode_bytes(data: bytes, encoding: Encoding) -> bytes:
@@ -89,7 +91,7 @@ class EncodingReader:
 
     def __init__(self, source: BinaryIO, encoding: Encoding, block: int = 1 << 20) -> None:
         self._source = source
-        self._comp = zlib.compressobj(6, zlib.DEFLATED, _WBITS[encoding]) if encoding != "identity" else None
+        self._comp = encoder(encoding)
         self._block = block
         self._buffer = b""
         self._done = False

@@ -7,12 +7,13 @@ import os
 from dataclasses import dataclass
 
 from proxy.access import Access
+from proxy.bulk import BucketBulkData, SelfBulkData
 from proxy.composite import Composite
 from proxy.config import Config
 from proxy.negative import NegativeCache
 from proxy.replication import ReplicationQueue
 from proxy.tickets import Signer, load_secret
-from proxy.tiers import DiskTier, build_tier
+from proxy.tiers import DiskTier, S3Tier, build_tier
 from proxy.uploads import Uploader
 
 
@@ -24,6 +25,7 @@ class Service:
     queue: ReplicationQueue
     signer: Signer
     access: Access
+    bulk: BucketBulkData | SelfBulkData
 
     async def start(self) -> None:
         await self.store.start()
@@ -57,5 +59,12 @@ def build_service(config: Config, store: Composite | None = None) -> Service:
     queue_path = config.uploads.queue_path or os.path.join(state, "queue")
     queue = ReplicationQueue(queue_path, {tier.name: tier for tier in targets[1:]})
     signer = Signer(load_secret(config.auth.ticket_secret, state), config.server.base_url, config.auth.ticket_ttl)
-    uploader = Uploader(store, targets, queue, config.server.max_upload_size, store.spool_dir)
-    return Service(config, store, uploader, queue, signer, Access(config, signer))
+    max_size = config.server.max_upload_size
+    uploader = Uploader(store, targets, queue, max_size, store.spool_dir)
+    bulk_tier = store.tier(config.uploads.bulk_data_tier) if config.uploads.bulk_data_tier else None
+    bulk: BucketBulkData | SelfBulkData = (
+        BucketBulkData(bulk_tier, max_size, config.auth.ticket_ttl)
+        if isinstance(bulk_tier, S3Tier)
+        else SelfBulkData(signer, os.path.join(state, "bulk-data"), max_size)
+    )
+    return Service(config, store, uploader, queue, signer, Access(config, signer), bulk)

@@ -133,9 +133,11 @@ async def make_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
     async def factory(
         tiers: list[dict[str, Any]], **sections: dict[str, Any]
     ) -> TestClient[web.Request, web.Application]:
+        port = free_port()  # chosen up front so URLs the proxy writes (tickets, slots) are right
+        sections = {**sections, "server": {"host": "127.0.0.1", "port": port, **sections.get("server", {})}}
         path = write_config(tmp_path / f"config-{len(clients)}.toml", tiers, **sections)
         config: Config = load_config(str(path), environ={})
-        client = TestClient(TestServer(create_app(config)))
+        client = TestClient(TestServer(create_app(config), host="127.0.0.1", port=port))
         await client.start_server()
         clients.append(client)
         return client

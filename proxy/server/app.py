@@ -9,7 +9,7 @@ from aiohttp import web
 from proxy.composite import Composite
 from proxy.config import Config
 from proxy.errors import BadDigest
-from proxy.server import blobs, ops, uploads
+from proxy.server import blobs, bulk, ops, uploads
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.openapi import openapi
 from proxy.server.problems import problems_middleware
@@ -49,6 +49,12 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     blob.add_route("PUT", uploads.put_blob)
     blob.add_route("DELETE", uploads.delete_blob)
     router.add_route("*", f"/{_ALGORITHM}/{{rest:.*}}", _not_a_digest)
+    router.add_post("/bulk-data", bulk.create_slots)
+    slot = router.add_resource("/bulk-data/{name}")
+    slot.add_route("POST", bulk.post_object)
+    slot.add_route("PUT", bulk.put_object)
+    slot.add_route("GET", bulk.get_object)
+    slot.add_route("HEAD", bulk.get_object)
     router.add_get("/healthz", ops.healthz)
     router.add_get("/readyz", ops.readyz)
     router.add_get("/stats", ops.stats)
