@@ -16,7 +16,7 @@ from typing import Any, TextIO, TypeVar
 import aiohttp
 
 from proxy import __version__
-from proxy.client import DEFAULT_URL, AsyncClient
+from proxy.client import DEFAULT_URL, AsyncClient, Ticket
 from proxy.config import Config, load_config, redacted
 from proxy.errors import ConfigError, Forbidden, ProxyError, Unauthorized
 from proxy.units import parse_duration
@@ -120,8 +120,15 @@ def transfer(args: argparse.Namespace) -> int:
     )
     try:
         if args.command == "put":
-            return asyncio.run(put_files(client, args.files, args.jobs))
-        return asyncio.run(get_blobs(client, args.refs, args.output, args.jobs))
+            sizes = [os.stat(f).st_size if os.path.isfile(f) else 0 for f in args.files]
+            return asyncio.run(put_files(client, args.files, args.jobs, _Progress("put", len(args.files), sum(sizes))))
+        output: str | None = args.output
+        # One HASH and an -o that is not a directory: -o names the file itself.
+        single = len(args.refs) == 1 and output is not None and not output.endswith("/") and not os.path.isdir(output)
+        folder = Path(output or ".")
+        (folder.parent if single else folder).mkdir(parents=True, exist_ok=True)
+        progress = _Progress("get", len(args.refs), None)
+        return asyncio.run(get_blobs(client, args.refs, folder, single, args.jobs, progress))
     except aiohttp.ClientConnectorError as error:
         print(f"casproxy: cannot reach {client.base_url}: {error.os_error.strerror or error}", file=sys.stderr)
     except Unauthorized as error:
@@ -131,11 +138,8 @@ def transfer(args: argparse.Namespace) -> int:
     return 1
 
 
-async def put_files(client: AsyncClient, files: Sequence[str], jobs: int) -> int:
-    sizes = [os.stat(f).st_size if os.path.isfile(f) else 0 for f in files]
-    progress = _Progress("put", len(files), sum(sizes))
-
-    def done(_: str, ticket: Any) -> None:
+async def put_files(client: AsyncClient, files: Sequence[str], jobs: int, progress: _Progress) -> int:
+    def done(_: str, ticket: Ticket) -> None:
         progress.clear()
         print(json.dumps(ticket.as_json()), flush=True)
 
@@ -143,12 +147,10 @@ async def put_files(client: AsyncClient, files: Sequence[str], jobs: int) -> int
         return await _in_order(files, jobs, lambda f: client.put(f, progress=progress.add), done, progress)
 
 
-async def get_blobs(client: AsyncClient, refs: Sequence[str], output: str | None, jobs: int) -> int:
-    # One HASH and an -o that is not a directory: -o names the file itself.
-    single = len(refs) == 1 and output is not None and not output.endswith(("/", os.sep)) and not os.path.isdir(output)
-    folder = Path(output or ".")
-    (folder.parent if single else folder).mkdir(parents=True, exist_ok=True)
-    progress = _Progress("get", len(refs), None)
+async def get_blobs(
+    client: AsyncClient, refs: Sequence[str], folder: Path, single: bool, jobs: int, progress: _Progress
+) -> int:
+    """Each blob into ``folder``/<hash>, or into the file ``folder`` when ``single``."""
 
     async def fetch(ref: str) -> int:
         digest, _ = client.locate(ref)

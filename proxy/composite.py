@@ -457,7 +457,7 @@ class Composite:
             if blob.size is not None and spool.size != blob.size:
                 raise TierError(f"{tier.name}: sent {spool.size} of {blob.size} bytes")
             await spool.finish()
-        except (TierError, OSError, TimeoutError, ValueError) as error:  # ValueError: bad encoding
+        except (TierError, OSError, TimeoutError) as error:
             spool.fail(error)
             self._tier_failed(tier, error, errors)
             return None

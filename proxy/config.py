@@ -56,7 +56,7 @@ class NegativeCacheConfig:
 
 @dataclass(frozen=True)
 class UploadsConfig:
-    targets: tuple[str, ...] = ("local",)
+    targets: tuple[str, ...] = ()  # default: the first writable source tier
     bulk_data_tier: str = ""
     queue_path: str = ""  # the durable replication queue; default: "queue" in the state folder
 

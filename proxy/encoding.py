@@ -6,6 +6,8 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import BinaryIO, Literal
 
+from proxy.errors import CorruptBlob
+
 Encoding = Literal["identity", "gzip", "deflate"]
 Layout = Literal["flat", "sharded"]
 ENCODINGS: tuple[Encoding, ...] = ("identity", "gzip", "deflate")
@@ -49,21 +51,24 @@ class _AutoDeflate:
 
 
 async def decode_stream(chunks: AsyncIterator[bytes], encoding: Encoding) -> AsyncIterator[bytes]:
-    """Decode an encoded stream; a truncated or garbled one raises zlib.error / ValueError."""
+    """Decode a tier's encoded stream; a truncated or garbled one is a corrupt copy."""
     dec = decoder(encoding)
     if dec is None:
         async for chunk in chunks:
             yield chunk
         return
-    async for chunk in chunks:
-        out = dec.decompress(chunk)
-        if out:
-            yield out
-    tail = dec.flush()
+    try:
+        async for chunk in chunks:
+            out = dec.decompress(chunk)
+            if out:
+                yield out
+        tail = dec.flush()
+    except zlib.error as error:
+        raise CorruptBlob(f"not valid {encoding} data: {error}") from None
     if tail:
         yield tail
     if not dec.eof:
-        raise ValueError(f"{encoding} stream is truncated")
+        raise CorruptBlob(f"{encoding} data is truncated")
 
 
 def encoder(encoding: Encoding) -> zlib._Compress | None:

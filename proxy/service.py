@@ -13,7 +13,8 @@ from proxy.config import Config
 from proxy.negative import NegativeCache
 from proxy.replication import ReplicationQueue
 from proxy.tickets import Signer, load_secret
-from proxy.tiers import DiskTier, S3Tier, build_tier
+from proxy.tier import Tier
+from proxy.tiers import DiskTier, FsTier, S3Tier, build_tier
 from proxy.uploads import Uploader
 
 
@@ -52,9 +53,16 @@ def state_dir(store: Composite) -> str:
     return os.path.abspath("./data")
 
 
+def default_targets(store: Composite) -> list[Tier]:
+    """With no uploads.targets, uploads go to the first source that can store blobs."""
+    writable = (DiskTier, FsTier, S3Tier)
+    found: list[Tier] = [tier for tier in store.tiers if tier.role == "source" and isinstance(tier, writable)]
+    return found[:1]
+
+
 def build_service(config: Config, store: Composite | None = None) -> Service:
     store = store if store is not None else build_store(config)
-    targets = [store.tier(name) for name in config.uploads.targets]
+    targets = [store.tier(name) for name in config.uploads.targets] or default_targets(store)
     state = state_dir(store)
     queue_path = config.uploads.queue_path or os.path.join(state, "queue")
     queue = ReplicationQueue(queue_path, {tier.name: tier for tier in targets[1:]})

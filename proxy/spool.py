@@ -150,6 +150,10 @@ class Spool:
             if self.failed is not None:
                 raise SpoolFailed(str(self.failed)) from self.failed
             stop = self.size if end is None else min(end, self.size)
+            if not self.verified:
+                # Hold back the last byte until the digest is checked: a client must never get a
+                # complete body (all of Content-Length) of bytes that turn out wrong.
+                stop = min(stop, self.size - 1)
             if offset < stop:
                 count = min(CHUNK_SIZE, stop - offset)
                 if self._memory is not None:

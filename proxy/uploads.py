@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from proxy.composite import Composite
 from proxy.digest import Algorithm, Digest
-from proxy.errors import CorruptBlob, DigestMismatch, TierError, UpstreamFailed
+from proxy.errors import CorruptBlob, DigestMismatch, Forbidden, TierError, UpstreamFailed
 from proxy.replication import ReplicationQueue
 from proxy.spool import Spool
 from proxy.tier import Tier
@@ -30,8 +30,6 @@ class Uploader:
         max_size: int,
         spool_dir: str | None = None,
     ) -> None:
-        if not targets:
-            raise ValueError("uploads need at least one target tier")
         self.store = store
         self.targets = targets
         self.queue = queue
@@ -42,6 +40,8 @@ class Uploader:
         self, chunks: AsyncIterator[bytes], digest: Digest | None = None, algorithm: Algorithm = "sha1"
     ) -> Stored:
         """Store a body; with ``digest`` it must hash to it (else DigestMismatch, nothing stored)."""
+        if not self.targets:
+            raise Forbidden("uploads are disabled: no tier can store them (set uploads.targets)")
         spool = Spool(
             digest, self.spool_dir, max_size=self.max_size, algorithm=digest.algorithm if digest else algorithm
         )

@@ -1,0 +1,176 @@
+"""kill -9 of a real ``casproxy serve`` in the middle of a large fill: after a restart on the
+same cache directory the proxy starts quickly, has cleared the partial spool, and serves only
+complete, correct bytes fetched afresh."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import Upstream, free_port, make_blob, write_config
+
+UpstreamFactory = Callable[..., Awaitable[Upstream]]
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 64 << 20
+CHUNK = 1 << 20
+
+
+class ProxyProcess:
+    """``python -m proxy serve -c CONFIG`` as a child process, logging to a file."""
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config = config
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
+        env["PYTHONPATH"] = str(REPO)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "serve", "-c", str(self.config)],
+                cwd=self.config.parent,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def wait_healthy(self, session: aiohttp.ClientSession, limit: float) -> float:
+        """Seconds until /healthz answers 200; fails if the process dies or it takes too long."""
+        assert self.process is not None
+        began = time.monotonic()
+        while True:
+            assert self.process.poll() is None, f"proxy exited:\n{self.log.read_text()}"
+            try:
+                async with session.get(f"{self.url}/healthz") as response:
+                    if response.status == 200:
+                        return time.monotonic() - began
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() - began < limit, f"no /healthz within {limit}s:\n{self.log.read_text()}"
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def wait_until(condition: Callable[[], bool], limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_kill_9_mid_fill_then_restart(
+    upstream: UpstreamFactory, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    data, digest = make_blob(SIZE)
+    state = {"slow": True, "sent": 0}
+
+    async def handler(request: web.Request, up: Upstream) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = len(data)
+        await response.prepare(request)
+        try:
+            for offset in range(0, len(data), CHUNK):
+                await response.write(data[offset : offset + CHUNK])
+                state["sent"] = offset + CHUNK
+                if state["slow"]:
+                    await asyncio.sleep(0.03)  # ~2 s in all: time to kill the proxy halfway
+            await response.write_eof()
+        except ConnectionError:  # the proxy was killed under us
+            pass
+        return response
+
+    up = await upstream(handler)
+    cache = tmp_path / "cache"
+    spool = cache / "spool"
+    port = free_port()
+    config = write_config(
+        tmp_path / "config.toml",
+        [
+            {"name": "disk", "kind": "disk", "role": "cache", "path": str(cache)},
+            # conftest builds up.url with yarl, which percent-encodes the braces of {hash}.
+            {"name": "origin", "kind": "http", "url": up.url},
+        ],
+        server={"host": "127.0.0.1", "port": port, "access_log": False},
+        uploads={"targets": ["disk"]},  # no "local" tier for the default upload target
+    )
+    proxy = ProxyProcess(config, port, tmp_path / "proxy.log")
+    try:
+        proxy.start()
+        await proxy.wait_healthy(session, limit=20)
+
+        async def read_all() -> bytes:
+            async with session.get(f"{proxy.url}/sha1/{digest}") as response:
+                return await response.read()
+
+        reader = asyncio.create_task(read_all())
+        await wait_until(lambda: state["sent"] >= SIZE // 2, 10, "the upstream to send half")
+        # The partial copy is on disk now: this is what a restart must clear.
+        await wait_until(lambda: spool.is_dir() and any(spool.iterdir()), 5, "a spool file")
+        proxy.kill()
+        with pytest.raises(aiohttp.ClientError):
+            await reader
+        assert state["sent"] < SIZE, "the upstream finished before the kill: make it slower"
+        assert any(spool.iterdir())
+        assert len(up.requests) == 1
+
+        state["slow"] = False
+        proxy.start()
+        startup = await proxy.wait_healthy(session, limit=5)
+        assert startup < 5
+        assert list(spool.iterdir()) == []  # leftovers of the killed process are gone
+
+        async with session.get(f"{proxy.url}/sha1/{digest}") as response:
+            assert response.status == 200
+            # Fetched again, not a partial entry from before the kill.
+            assert (response.headers["X-Cache"], response.headers["X-Cache-Tier"]) == ("MISS", "origin")
+            assert response.headers["Content-Length"] == str(SIZE)
+            body = await response.read()
+        assert len(body) == SIZE
+        assert body == data
+        assert len(up.requests) == 2
+
+        # And the fresh copy is cached: the restarted cache works.
+        deadline = time.monotonic() + 10
+        while True:
+            async with session.get(f"{proxy.url}/sha1/{digest}") as response:
+                assert response.status == 200
+                if response.headers["X-Cache"] == "HIT":
+                    assert await response.read() == data
+                    break
+                await response.read()
+            assert time.monotonic() < deadline, "the blob never reached the disk cache"
+            await asyncio.sleep(0.05)
+        assert len(up.requests) == 2
+    finally:
+        proxy.stop()
