@@ -454,8 +454,8 @@ class Composite:
                 if chunk is None:
                     break
                 await spool.write(chunk)
-            if blob.size is not None and spool.size != blob.size:
-                raise TierError(f"{tier.name}: sent {spool.size} of {blob.size} bytes")
+            if blob.size is not None and spool.received != blob.size:
+                raise TierError(f"{tier.name}: sent {spool.received} of {blob.size} bytes")
             await spool.finish()
         except (TierError, OSError, TimeoutError) as error:
             spool.fail(error)

@@ -50,6 +50,7 @@ class Spool:
         self._max_size = max_size
         self._hasher = hashlib.new(digest.algorithm if digest else algorithm)
         self._memory: bytearray | None = bytearray()
+        self._pending = bytearray()  # received, not yet hashed and written to the file
         self._fd: int | None = None
         self._refs = 1  # the writer's
         self._changed = asyncio.Event()
@@ -57,16 +58,31 @@ class Spool:
     # -- writing -------------------------------------------------------------------------
 
     async def write(self, chunk: bytes) -> None:
-        if self._max_size is not None and self.size + len(chunk) > self._max_size:
+        received = self.received + len(chunk)
+        if self._max_size is not None and received > self._max_size:
             raise TooLarge(f"more than {self._max_size} bytes")
-        if self._memory is not None and self.size + len(chunk) <= self._memory_limit:
+        if self._memory is not None and received <= self._memory_limit:
             self._hasher.update(chunk)
             self._memory += chunk
-        else:
-            # hashlib releases the GIL for large buffers: hash and write off the event loop.
-            await asyncio.get_running_loop().run_in_executor(None, self._write_to_file, chunk)
-            self._memory = None  # switched here, on the loop, so readers never see it half-done
-        self.size += len(chunk)
+            self.size += len(chunk)
+            self._notify()
+            return
+        # Network bodies arrive in small pieces: gather a block before each hop to the executor.
+        self._pending += chunk
+        if len(self._pending) >= CHUNK_SIZE:
+            await self._flush()
+
+    @property
+    def received(self) -> int:
+        """Bytes written so far, including those not yet visible to readers."""
+        return self.size + len(self._pending)
+
+    async def _flush(self) -> None:
+        block, self._pending = bytes(self._pending), bytearray()
+        # hashlib releases the GIL for large buffers: hash and write off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self._write_to_file, block)
+        self._memory = None  # switched here, on the loop, so readers never see it half-done
+        self.size += len(block)
         self._notify()
 
     def _write_to_file(self, chunk: bytes) -> None:
@@ -81,6 +97,8 @@ class Spool:
 
     async def finish(self) -> None:
         """Check the digest: verified on a match, otherwise the spool fails with CorruptBlob."""
+        if self._pending:
+            await self._flush()
         actual = Digest(self._hasher.hexdigest())
         if self.expected is not None and actual != self.expected:
             error = CorruptBlob(f"bytes hash to {actual}, not {self.expected}")

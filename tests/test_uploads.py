@@ -195,6 +195,13 @@ async def test_replication_reaches_a_target_that_comes_back_after_a_restart(
     await wait_for(lambda: _exists(tmp_path / "mirror" / digest))
     assert (tmp_path / "mirror" / digest).read_bytes() == data
     await wait_for(lambda: _depth_is_zero(restarted))
+    stats = await (await restarted.get("/stats")).json()
+    assert stats["uploads"] == {
+        "targets": ["local", "mirror"],
+        "queue_depth": 0,
+        "replicated": 1,
+        "replication_failures": 0,
+    }
 
 
 async def _failed_once(queue: Any) -> bool:

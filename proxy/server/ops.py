@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.server.keys import STORE
+from proxy.server.keys import SERVICE, STORE
 from proxy.tiers.disk import DiskTier
 
 
@@ -31,4 +31,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STORE].snapshot())
+    service = request.app[SERVICE]
+    queue = service.queue
+    uploads = {
+        "targets": [tier.name for tier in service.uploader.targets],
+        "queue_depth": await queue.depth(),
+        "replicated": queue.replicated,
+        "replication_failures": queue.failures,
+    }
+    return web.json_response({**service.store.snapshot(), "uploads": uploads})
