@@ -99,8 +99,14 @@ async def _error_of(response: aiohttp.ClientResponse) -> ProxyError:
     if not isinstance(problem, dict):
         problem = {}
     cls = _ERRORS.get(str(problem.get("type")), _ERRORS_BY_STATUS.get(response.status, ProxyError))
-    detail = str(problem.get("detail") or f"HTTP {response.status} {response.reason} from {response.url}")
-    error = cls(detail, retry_after=_retry_after(response) or 5) if issubclass(cls, UpstreamFailed) else cls(detail)
+    # Without the query: a ticket's signature does not belong in an error message.
+    where = response.url.with_query(None)
+    detail = str(problem.get("detail") or f"HTTP {response.status} {response.reason} from {where}")
+    if issubclass(cls, UpstreamFailed):
+        after = _retry_after(response)
+        error: ProxyError = cls(detail, retry_after=5 if after is None else after)
+    else:
+        error = cls(detail)
     error.status = response.status  # also right for an unknown type that fell back to ProxyError
     return error
 
