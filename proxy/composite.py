@@ -125,6 +125,7 @@ class Composite:
         breaker_cooldown: float = 30.0,
     ) -> None:
         self.tiers: list[Tier] = []
+        self._trusted: list[Tier] | None = None  # the trusted tiers at the head, computed once
         self.stats: dict[str, TierStats] = {}
         self.breakers: dict[str, Breaker] = {}
         self.negative = negative_cache or NegativeCache()
@@ -147,6 +148,7 @@ class Composite:
         if tier.name in self.stats:
             raise ValueError(f"two tiers are named {tier.name!r}")
         self.tiers.append(tier)
+        self._trusted = None
         self.stats[tier.name] = TierStats()
         self.breakers[tier.name] = Breaker(*self._breaker)
         if self._spool_dir is None:
@@ -332,15 +334,24 @@ class Composite:
     # -- the walk ------------------------------------------------------------------------
 
     def _trusted_head(self) -> list[Tier]:
-        head = []
-        for tier in self.tiers:
-            if not tier.trusted:
-                break
-            head.append(tier)
-        return head
+        if self._trusted is None:
+            self._trusted = []
+            for tier in self.tiers:
+                if not tier.trusted:
+                    break
+                self._trusted.append(tier)
+        return self._trusted
 
     async def _open_trusted(self, digest: Digest) -> Opened | None:
-        for tier in self._trusted_head():
+        trusted = self._trusted_head()
+        for tier in trusted:  # the hot path: no awaits, no timers
+            blob = tier.peek(digest)
+            if blob is not None:
+                stats = self.stats[tier.name]
+                stats.hits += 1
+                stats.bytes += blob.size or 0
+                return Opened(digest, tier.name, tier.role == "cache", blob=blob)
+        for tier in trusted:
             try:
                 blob = await self._ask(tier, tier.open(digest))
             except _Skipped:

@@ -6,6 +6,8 @@ import hashlib
 import re
 from typing import Literal, Protocol
 
+from proxy.errors import BadDigest
+
 Algorithm = Literal["sha1", "sha256"]
 
 # Hex length identifies the algorithm, so one namespace holds both kinds of name.
@@ -28,8 +30,6 @@ class Digest(str):
     @classmethod
     def parse(cls, text: str, algorithm: Algorithm | None = None) -> Digest:
         """Validate ``text`` as a digest (of ``algorithm`` if given); raise BadDigest otherwise."""
-        from proxy.errors import BadDigest
-
         if isinstance(text, Digest) and (algorithm is None or text.algorithm == algorithm):
             return text
         hex_ = text.lower() if isinstance(text, str) else ""

@@ -68,6 +68,10 @@ class Spool:
             self._notify()
             return
         # Network bodies arrive in small pieces: gather a block before each hop to the executor.
+        # (A large chunk with nothing pending goes as it is: no copy.)
+        if not self._pending and len(chunk) >= CHUNK_SIZE:
+            await self._flush(chunk)
+            return
         self._pending += chunk
         if len(self._pending) >= CHUNK_SIZE:
             await self._flush()
@@ -77,22 +81,27 @@ class Spool:
         """Bytes written so far, including those not yet visible to readers."""
         return self.size + len(self._pending)
 
-    async def _flush(self) -> None:
-        block, self._pending = bytes(self._pending), bytearray()
-        # hashlib releases the GIL for large buffers: hash and write off the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, self._write_to_file, block)
+    async def _flush(self, block: bytes | bytearray | None = None) -> None:
+        if block is None:
+            block, self._pending = self._pending, bytearray()  # hand the buffer over, no copy
+        loop = asyncio.get_running_loop()
+        # hashlib and os.write both release the GIL: hash and write the block at the same time,
+        # in two threads, so verification costs max(hash, write) instead of their sum.
+        await asyncio.gather(
+            loop.run_in_executor(None, self._hasher.update, block),
+            loop.run_in_executor(None, self._write_to_file, block),
+        )
         self._memory = None  # switched here, on the loop, so readers never see it half-done
         self.size += len(block)
         self._notify()
 
-    def _write_to_file(self, chunk: bytes) -> None:
+    def _write_to_file(self, chunk: bytes | bytearray) -> None:
         if self._fd is None:
             if self._directory:
                 os.makedirs(self._directory, mode=0o700, exist_ok=True)
             self._fd, self.path = tempfile.mkstemp(prefix=SPOOL_PREFIX, dir=self._directory)
             if self._memory:
                 _write_all(self._fd, self._memory)
-        self._hasher.update(chunk)
         _write_all(self._fd, chunk)
 
     async def finish(self) -> None:

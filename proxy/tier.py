@@ -157,6 +157,10 @@ class Tier(ABC):
     async def open(self, digest: Digest) -> Blob | None:
         """Start reading the blob, or None if this tier does not have it."""
 
+    def peek(self, digest: Digest) -> Blob | None:
+        """A hit this tier can answer at once, from process memory (the hot path); else None."""
+        return None
+
     async def stat(self, digest: Digest) -> Stat | None:
         """Cheap existence check; tiers without one open the blob and close it again."""
         blob = await self.open(digest)

@@ -197,17 +197,30 @@ async def test_disk_tier_refuses_pickles_and_foreign_writable_dirs(tmp_path: Pat
 
 
 async def test_disk_min_free_evicts_to_keep_free_space(tmp_path: Path) -> None:
-    first, first_digest = make_blob(100_000)
-    second, second_digest = make_blob(100_000)
+    first, first_digest = make_blob(4 << 20)
+    second, second_digest = make_blob(4 << 20)
     free = shutil.disk_usage(tmp_path).free
-    disk = DiskTier(str(tmp_path / "cache"), min_free=free + (1 << 30), memory_limit=0)
+    # Room for one blob above min_free, not two (2 MiB margins either way).
+    disk = DiskTier(str(tmp_path / "cache"), min_free=free - (6 << 20), memory_limit=0)
     async with Composite([disk, DictAPI({first_digest: first, second_digest: second})]) as store:
         await store.get(first_digest)
         await store.wait_idle()
+        assert disk.describe()["entries"] == 1
         await store.get(second_digest)
         await store.wait_idle()
         assert disk.describe()["entries"] == 1  # the first was evicted to make room
-        assert disk.evictions >= 1
+        assert disk.evictions == 1
+        assert (await store.open(second_digest)).tier == "disk"
+
+
+async def test_disk_that_cannot_keep_min_free_does_not_cache_but_still_serves(tmp_path: Path) -> None:
+    data, digest = make_blob(100_000)
+    free = shutil.disk_usage(tmp_path).free
+    disk = DiskTier(str(tmp_path / "cache"), min_free=free + (1 << 30), memory_limit=0)
+    async with Composite([disk, DictAPI({digest: data})]) as store:
+        assert await store.get(digest) == data
+        await store.wait_idle()
+        assert disk.describe()["entries"] == 0
 
 
 async def test_fs_tier_layouts_and_encodings_round_trip(tmp_path: Path) -> None:
@@ -233,3 +246,23 @@ async def test_truncated_encoded_copy_is_a_failure(tmp_path: Path) -> None:
 
 def test_corrupt_blob_is_a_tier_error() -> None:
     assert issubclass(CorruptBlob, TierError)
+
+
+async def test_disk_evicts_the_least_recently_used_with_batched_access_times(tmp_path: Path) -> None:
+    blobs = [make_blob(100_000) for _ in range(3)]
+    api = DictAPI(dict((digest, data) for data, digest in blobs))
+    disk = DiskTier(str(tmp_path / "cache"), size_limit=260_000, memory_limit=0)
+    (a, a_digest), (b, b_digest), (c, c_digest) = blobs
+    async with Composite([disk, api]) as store:
+        for digest in (a_digest, b_digest):
+            await store.get(digest)
+            await store.wait_idle()
+            await asyncio.sleep(0.01)  # distinct store times
+        assert await store.get(a_digest) == a  # a disk hit: a is now the more recently used
+        await disk.flush_access_times()
+        await store.get(c_digest)  # over the size limit: one entry must go
+        await store.wait_idle()
+        assert disk.describe()["entries"] == 2
+        assert (await store.open(a_digest)).tier == "disk"
+        assert (await store.open(c_digest)).tier == "disk"
+        assert (await store.open(b_digest)).tier == "api"  # the least recently used was evicted

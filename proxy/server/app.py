@@ -8,14 +8,13 @@ from aiohttp import web
 
 from proxy.composite import Composite
 from proxy.config import Config
+from proxy.digest import ALGORITHMS
 from proxy.errors import BadDigest
 from proxy.server import blobs, bulk, ops, uploads
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.openapi import openapi
 from proxy.server.problems import problems_middleware
 from proxy.service import build_service
-
-_ALGORITHM = "{algorithm:sha1|sha256}"
 
 
 async def _not_a_digest(request: web.Request) -> web.StreamResponse:
@@ -41,14 +40,17 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifetime)
     router = app.router
-    router.add_post(f"/{_ALGORITHM}/missing", blobs.post_missing)
-    router.add_post(f"/{_ALGORITHM}", uploads.post_blob)
-    blob = router.add_resource(f"/{_ALGORITHM}/{{hash:[^/]+}}")
-    blob.add_route("GET", blobs.get_blob)
-    blob.add_route("HEAD", blobs.get_blob)
-    blob.add_route("PUT", uploads.put_blob)
-    blob.add_route("DELETE", uploads.delete_blob)
-    router.add_route("*", f"/{_ALGORITHM}/{{rest:.*}}", _not_a_digest)
+    for algorithm in ALGORITHMS:
+        # A literal first segment per algorithm keeps these routes in aiohttp's prefix index:
+        # a regex there ({algorithm:sha1|sha256}) made every hit scan the route list.
+        router.add_post(f"/{algorithm}/missing", blobs.post_missing)
+        router.add_post(f"/{algorithm}", uploads.post_blob)
+        blob = router.add_resource(f"/{algorithm}/{{hash}}")
+        blob.add_route("GET", blobs.get_blob)
+        blob.add_route("HEAD", blobs.get_blob)
+        blob.add_route("PUT", uploads.put_blob)
+        blob.add_route("DELETE", uploads.delete_blob)
+        router.add_route("*", f"/{algorithm}/{{rest:.*}}", _not_a_digest)
     router.add_post("/bulk-data", bulk.create_slots)
     slot = router.add_resource("/bulk-data/{name}")
     slot.add_route("POST", bulk.post_object)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import stat
@@ -27,6 +28,8 @@ from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Role, Stat, Tier
 from proxy.units import SizeArg, parse_size
 
 DEFAULT_SIZE_LIMIT = 10 << 30
+TOUCH_INTERVAL = 5.0  # seconds between writes of recent hits' access times
+log = logging.getLogger(__name__)
 SPOOL_DIR = "spool"  # temp files live inside the cache so a commit is a hard link, not a copy
 
 
@@ -133,12 +136,16 @@ class DiskTier(Tier):
         self._file_threshold = parse_size(file_threshold)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"tier-{name}")
         self._cache: diskcache.Cache | None = None
+        self._reader: diskcache.Cache | None = None
+        self._touched: set[str] = set()  # hits whose access time is not written yet
+        self._toucher: asyncio.Task[None] | None = None
         self.evictions = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._run(self._open)
+        self._toucher = asyncio.get_running_loop().create_task(self._touch_periodically())
 
     def _open(self) -> None:
         os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -157,14 +164,46 @@ class DiskTier(Tier):
             size_limit=self.size_limit,
             disk_min_file_size=self._file_threshold,
             eviction_policy="least-recently-used",
-            cull_limit=64,
+            cull_limit=0,  # evicting is ours (_make_room): diskcache's drops entries in batches
             statistics=False,
         )
+        # diskcache's LRU writes access_time in a transaction on every get, so hits would queue
+        # on SQLite's write lock. Reads use a second handle whose policy (in memory only) is
+        # "none" (a plain SELECT); hits are recorded and their access times written in batches.
+        self._reader = diskcache.Cache(self.path, disk=RawDisk)
+        self._reader.reset("eviction_policy", "none", update=False)
 
     async def close(self) -> None:
+        if self._toucher is not None:
+            self._toucher.cancel()
         if self._cache is not None:
+            await self._run(self._touch_recent)
             await self._run(self._cache.close)
+            await self._run(self.reader.close)
         self._executor.shutdown(wait=False)
+
+    async def flush_access_times(self) -> None:
+        """Write the access times of hits so far (done every few seconds anyway)."""
+        await self._run(self._touch_recent)
+
+    async def _touch_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(TOUCH_INTERVAL)
+            try:
+                await self.flush_access_times()
+            except Exception as error:  # noqa: BLE001 - LRU order only; retried next round
+                log.warning("%s: could not record recent hits: %r", self.name, error)
+
+    def _touch_recent(self) -> None:
+        """Write the access times of recent hits in one transaction (the LRU order)."""
+        touched, self._touched = self._touched, set()
+        if not touched:
+            return
+        with self.cache.transact():
+            for key in touched:
+                found = self.cache.get(key, read=True)  # the LRU policy updates access_time
+                if found is not None and not isinstance(found, bytes):
+                    found.close()
 
     @property
     def cache(self) -> diskcache.Cache:
@@ -172,15 +211,28 @@ class DiskTier(Tier):
             raise TierError(f"{self.name}: not started")
         return self._cache
 
+    @property
+    def reader(self) -> diskcache.Cache:
+        if self._reader is None:
+            raise TierError(f"{self.name}: not started")
+        return self._reader
+
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- the protocol --------------------------------------------------------------------
 
-    async def open(self, digest: Digest) -> Blob | None:
+    def peek(self, digest: Digest) -> Blob | None:
         data = self.hot.get(digest)
-        if data is not None:
-            return BytesBlob(data)
+        if data is None:
+            return None
+        self._touched.add(digest)
+        return BytesBlob(data)
+
+    async def open(self, digest: Digest) -> Blob | None:
+        blob = self.peek(digest)
+        if blob is not None:
+            return blob
         found = await self._run(self._read, digest)
         if found is None:
             return None
@@ -191,11 +243,12 @@ class DiskTier(Tier):
 
     def _read(self, digest: Digest) -> bytes | tuple[BinaryIO, int] | None:
         try:
-            value: Any = self.cache.get(digest, read=True)
+            value: Any = self.reader.get(digest, read=True)
         except (OSError, ValueError) as error:  # file evicted under us, or a foreign entry
             raise TierError(f"{self.name}: {error}") from error
         if value is None:
             return None
+        self._touched.add(digest)
         if isinstance(value, bytes):
             self.hot.add(digest, value)
             return value
@@ -230,7 +283,10 @@ class DiskTier(Tier):
             raise TierError(f"{self.name}: cannot store {digest}: {error}") from error
 
     def _put(self, digest: Digest, data: bytes | None, path: str | None, size: int) -> None:
-        self._make_room(size)
+        # A spool file is committed by hard link: it is on the filesystem already.
+        if not self._make_room(size, new_bytes=size if data is not None else 0):
+            log.info("%s: %s (%d bytes) is larger than the cache may hold; not cached", self.name, digest, size)
+            return
         if data is not None:
             self.cache.set(digest, data)
             self.hot.add(digest, data)
@@ -238,22 +294,24 @@ class DiskTier(Tier):
             assert path is not None
             self.cache.set(digest, _LinkFrom(path), read=True)
 
-    def _make_room(self, incoming: int) -> None:
-        """Evict beyond size_limit when the filesystem's free space would drop below min_free."""
-        if not self.min_free:
-            return
-        deficit = self.min_free + incoming - shutil.disk_usage(self.path).free
-        if deficit <= 0:
-            return
+    def _make_room(self, incoming: int, new_bytes: int) -> bool:
+        """Evict least recently used entries, one at a time, until ``incoming`` bytes fit under
+        size_limit and writing ``new_bytes`` leaves min_free; False if that cannot be done."""
         cache = self.cache
-        volume = cache.volume()
-        cache.reset("size_limit", max(0, volume - deficit))
-        try:
-            before = len(cache)
-            cache.cull()
-            self.evictions += before - len(cache)
-        finally:
-            cache.reset("size_limit", self.size_limit)
+        while True:
+            over = cache.volume() + incoming - self.size_limit
+            if self.min_free:
+                over = max(over, self.min_free + new_bytes - shutil.disk_usage(self.path).free)
+            if over <= 0:
+                return True
+            # diskcache has no public "least recently used key"; its schema has been stable
+            # since 4.0 (access_time is what its own LRU culling orders by).
+            row = cache._sql("SELECT key FROM Cache ORDER BY access_time LIMIT 1").fetchone()
+            if row is None:
+                return False
+            if cache.delete(row[0]):
+                self.evictions += 1
+                self.hot.discard(row[0])
 
     async def delete(self, digest: Digest) -> bool:
         self.hot.discard(digest)
