@@ -298,9 +298,19 @@ def serve(config: Config) -> int:
         access_log=logging.getLogger("casproxy.access") if config.server.access_log else None,
         print=None,
         handle_signals=True,
-        loop=asyncio.new_event_loop(),
+        loop=new_event_loop(config.server.event_loop),
     )
     return 0
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError("server.event_loop = 'uvloop' but uvloop is not installed") from None
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 if __name__ == "__main__":

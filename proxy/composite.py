@@ -26,11 +26,12 @@ from proxy.breaker import Breaker
 from proxy.digest import Digest
 from proxy.errors import ConfigError, CorruptBlob, NotFound, TierError, UpstreamFailed
 from proxy.negative import NegativeCache
-from proxy.spool import Spool, SpoolFailed
-from proxy.tier import CHUNK_SIZE, Blob, FileBlob, Stat, Tier
+from proxy.spool import MemoryBudget, Spool, SpoolFailed
+from proxy.tier import Blob, FileBlob, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
 log = logging.getLogger(__name__)
+SPOOL_MEMORY_ITEM = 64 << 20  # a larger blob is spooled to a file even when memory is free
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Composite:
         *,
         negative_cache: NegativeCache | None = None,
         spool_dir: str | None = None,
-        spool_memory: int = CHUNK_SIZE,
+        spool_memory: int = 256 << 20,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 30.0,
     ) -> None:
@@ -131,7 +132,7 @@ class Composite:
         self.negative = negative_cache or NegativeCache()
         self.coalesced = 0
         self._spool_dir = spool_dir
-        self._spool_memory = spool_memory
+        self._spool_budget = MemoryBudget(spool_memory)
         self._breaker = (breaker_threshold, breaker_cooldown)
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -453,17 +454,11 @@ class Composite:
             return None
         if fill.spool is not None:
             fill.spool.release()
-        spool = Spool(fill.digest, self._spool_dir, self._spool_memory)
+        spool = Spool(fill.digest, self._spool_dir, SPOOL_MEMORY_ITEM, budget=self._spool_budget)
         fill.spool, fill.tier, fill.expected_size = spool, tier, blob.size
         fill.started.set()
         try:
-            chunks = blob.chunks()
-            while True:
-                # Idle timeout per chunk: a stalled upstream costs at most its timeout.
-                async with asyncio.timeout(tier.timeout):
-                    chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
+            async for chunk in _read_ahead(blob.chunks(), tier.timeout):
                 await spool.write(chunk)
             if blob.size is not None and spool.received != blob.size:
                 raise TierError(f"{tier.name}: sent {spool.received} of {blob.size} bytes")
@@ -523,6 +518,26 @@ class Composite:
             "negative_cache": {"url": self.negative.url, "hits": self.negative.hits},
             "time": time.time(),
         }
+
+
+async def _read_ahead(chunks: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:
+    """Fetch the next chunk while the caller hashes and stores this one. Each chunk must come
+    within ``timeout`` (an idle timeout: a stalled upstream costs at most that)."""
+    source = aiter(chunks)
+
+    async def next_chunk() -> bytes | None:
+        async with asyncio.timeout(timeout):
+            return await anext(source, None)
+
+    pending = asyncio.ensure_future(next_chunk())
+    try:
+        while (chunk := await pending) is not None:
+            pending = asyncio.ensure_future(next_chunk())
+            yield chunk
+    finally:
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
 
 
 class _Skipped(Exception):

@@ -42,6 +42,7 @@ def build_store(config: Config) -> Composite:
     return Composite(
         [build_tier(tier, config.source) for tier in config.tiers],
         negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl),
+        spool_memory=config.server.spool_memory,
     )
 
 

@@ -22,6 +22,26 @@ from proxy.tier import CHUNK_SIZE
 SPOOL_PREFIX = "spool-"
 
 
+class MemoryBudget:
+    """How many bytes all spools together may keep in memory; beyond it they use files.
+
+    Keeping a blob in memory takes the disk write off the client's path (the cache commit
+    writes it afterwards); the budget bounds what many concurrent misses can hold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
 class SpoolFailed(Exception):
     """The bytes being spooled turned out bad or stopped coming; readers must abort."""
 
@@ -37,6 +57,7 @@ class Spool:
         memory_limit: int = CHUNK_SIZE,
         max_size: int | None = None,
         algorithm: Algorithm = "sha1",
+        budget: MemoryBudget | None = None,
     ) -> None:
         # With no digest to check against (POST uploads), finish() names the blob instead.
         self.expected = digest
@@ -47,9 +68,12 @@ class Spool:
         self.failed: BaseException | None = None
         self._directory = directory
         self._memory_limit = memory_limit
+        self._budget = budget
+        self._reserved = 0  # bytes of the budget this spool holds
         self._max_size = max_size
         self._hasher = hashlib.new(digest.algorithm if digest else algorithm)
         self._memory: bytearray | None = bytearray()
+        self._frozen: bytes | None = None  # the verified bytes, when they stayed in memory
         self._pending = bytearray()  # received, not yet hashed and written to the file
         self._fd: int | None = None
         self._refs = 1  # the writer's
@@ -61,7 +85,7 @@ class Spool:
         received = self.received + len(chunk)
         if self._max_size is not None and received > self._max_size:
             raise TooLarge(f"more than {self._max_size} bytes")
-        if self._memory is not None and received <= self._memory_limit:
+        if self._memory is not None and received <= self._memory_limit and self._reserve(len(chunk)):
             self._hasher.update(chunk)
             self._memory += chunk
             self.size += len(chunk)
@@ -91,7 +115,9 @@ class Spool:
             loop.run_in_executor(None, self._hasher.update, block),
             loop.run_in_executor(None, self._write_to_file, block),
         )
-        self._memory = None  # switched here, on the loop, so readers never see it half-done
+        if self._memory is not None:
+            self._memory = None  # switched here, on the loop, so readers never see it half-done
+            self._unreserve()
         self.size += len(block)
         self._notify()
 
@@ -114,6 +140,9 @@ class Spool:
             self.fail(error)
             raise error
         self.digest = actual
+        if self._memory is not None:
+            # Freeze once: consumers (responses, cache commits) share these bytes, no copies.
+            self._frozen, self._memory = bytes(self._memory), bytearray()
         self.verified = True
         self._notify()
 
@@ -134,9 +163,23 @@ class Spool:
         self._refs += 1
         return self
 
+    def _reserve(self, size: int) -> bool:
+        if self._budget is None:
+            return True
+        if not self._budget.take(size):
+            return False
+        self._reserved += size
+        return True
+
+    def _unreserve(self) -> None:
+        if self._budget is not None:
+            self._budget.give(self._reserved)
+        self._reserved = 0
+
     def release(self) -> None:
         self._refs -= 1
         if self._refs == 0:
+            self._unreserve()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -148,8 +191,8 @@ class Spool:
 
     @property
     def data(self) -> bytes | None:
-        """The whole blob when it stayed in memory, else None (it is in ``path``)."""
-        return bytes(self._memory) if self._memory is not None else None
+        """The whole verified blob when it stayed in memory, else None (it is in ``path``)."""
+        return self._frozen
 
     def open(self) -> BinaryIO | None:
         """A private read handle on the spilled file; valid while a reference is held."""
@@ -183,7 +226,9 @@ class Spool:
                 stop = min(stop, self.size - 1)
             if offset < stop:
                 count = min(CHUNK_SIZE, stop - offset)
-                if self._memory is not None:
+                if self._frozen is not None:
+                    chunk = self._frozen[offset : offset + count]
+                elif self._memory is not None:
                     chunk = bytes(self._memory[offset : offset + count])
                 else:
                     assert self._fd is not None

@@ -121,7 +121,8 @@ async def test_kill_9_mid_fill_then_restart(
             # conftest builds up.url with yarl, which percent-encodes the braces of {hash}.
             {"name": "origin", "kind": "http", "url": up.url},
         ],
-        server={"host": "127.0.0.1", "port": port, "access_log": False},
+        # spool_memory 0: the fill goes to a file, the partial write a restart must clear
+        server={"host": "127.0.0.1", "port": port, "access_log": False, "spool_memory": 0},
         uploads={"targets": ["disk"]},  # no "local" tier for the default upload target
     )
     proxy = ProxyProcess(config, port, tmp_path / "proxy.log")

@@ -16,7 +16,7 @@ from proxy import APIOrigin, Composite, CorruptBlob, DiskTier, FsTier, NotFound,
 from proxy.digest import Digest
 from proxy.encoding import encode_bytes
 from proxy.negative import NegativeCache
-from proxy.spool import Spool
+from proxy.spool import MemoryBudget, Spool
 from proxy.tier import Blob, Tier
 from tests.conftest import make_blob
 
@@ -266,3 +266,21 @@ async def test_disk_evicts_the_least_recently_used_with_batched_access_times(tmp
         assert (await store.open(a_digest)).tier == "disk"
         assert (await store.open(c_digest)).tier == "disk"
         assert (await store.open(b_digest)).tier == "api"  # the least recently used was evicted
+
+
+async def test_spools_share_a_memory_budget_and_spill_to_files_beyond_it(tmp_path: Path) -> None:
+    budget = MemoryBudget(1 << 20)
+    first_data, first_digest = make_blob(700_000)
+    second_data, second_digest = make_blob(700_000)
+    first = Spool(Digest(first_digest), str(tmp_path), memory_limit=8 << 20, budget=budget)
+    second = Spool(Digest(second_digest), str(tmp_path), memory_limit=8 << 20, budget=budget)
+    await first.write(first_data)
+    await second.write(second_data)  # would pass the 1 MiB budget: goes to a file
+    await first.finish()
+    await second.finish()
+    assert first.data == first_data and first.path is None
+    assert second.data is None and second.path is not None and Path(second.path).read_bytes() == second_data
+    assert budget.used == 700_000
+    first.release()
+    second.release()
+    assert budget.used == 0 and not list(tmp_path.iterdir())
