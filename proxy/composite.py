@@ -520,13 +520,13 @@ class Composite:
         }
 
 
-async def _read_ahead(chunks: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:
+async def _read_ahead(chunks: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
     """Fetch the next chunk while the caller hashes and stores this one. Each chunk must come
-    within ``timeout`` (an idle timeout: a stalled upstream costs at most that)."""
+    within ``idle`` seconds: a stalled upstream costs at most that."""
     source = aiter(chunks)
 
     async def next_chunk() -> bytes | None:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(idle):
             return await anext(source, None)
 
     pending = asyncio.ensure_future(next_chunk())

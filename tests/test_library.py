@@ -252,7 +252,7 @@ async def test_disk_evicts_the_least_recently_used_with_batched_access_times(tmp
     blobs = [make_blob(100_000) for _ in range(3)]
     api = DictAPI(dict((digest, data) for data, digest in blobs))
     disk = DiskTier(str(tmp_path / "cache"), size_limit=260_000, memory_limit=0)
-    (a, a_digest), (b, b_digest), (c, c_digest) = blobs
+    (a, a_digest), (_, b_digest), (_, c_digest) = blobs
     async with Composite([disk, api]) as store:
         for digest in (a_digest, b_digest):
             await store.get(digest)
