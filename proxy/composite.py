@@ -31,7 +31,7 @@ from proxy.tier import Blob, FileBlob, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
 log = logging.getLogger(__name__)
-SPOOL_MEMORY_ITEM = 64 << 20  # a larger blob is spooled to a file even when memory is free
+SPOOL_MEMORY_ITEM = 16 << 20  # a larger blob is spooled to a file even when memory is free
 
 
 @dataclass

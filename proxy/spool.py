@@ -229,7 +229,7 @@ class Spool:
                 if self._frozen is not None:
                     chunk = self._frozen[offset : offset + count]
                 elif self._memory is not None:
-                    chunk = bytes(self._memory[offset : offset + count])
+                    chunk = bytes(memoryview(self._memory)[offset : offset + count])  # one copy
                 else:
                     assert self._fd is not None
                     chunk = await loop.run_in_executor(None, os.pread, self._fd, count, offset)

@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import hashlib
 import os
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -233,3 +235,30 @@ def test_non_loopback_bind_without_upload_tokens_refuses_to_start(tmp_path: Path
                 check_exposure(config)
         else:
             check_exposure(config)
+
+
+async def test_mismatch_reaches_no_target_not_even_the_bucket(
+    make_proxy: ProxyFactory, tmp_path: Path, bucket: Bucket
+) -> None:
+    proxy = await make_proxy(
+        [disk(tmp_path), folder(tmp_path), bucket.tier("bucket")], uploads={"targets": ["local", "bucket"]}
+    )
+    data, digest = make_blob(100_000)
+    response = await proxy.put(f"/sha1/{digest}", data=data + b"!")
+    assert response.status == 400
+    await asyncio.sleep(0.5)  # give a wrongly queued copy time to arrive
+    assert bucket.keys() == [] and stored_anywhere(tmp_path, digest) == []
+    assert await proxy.app[SERVICE].queue.depth() == 0
+
+
+def test_serve_refuses_a_public_bind_without_upload_tokens(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", [folder(tmp_path)], server={"host": "0.0.0.0", "port": 1})
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "upload_tokens" in out.stderr and "Traceback" not in out.stderr
