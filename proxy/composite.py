@@ -27,7 +27,7 @@ from proxy.digest import Digest
 from proxy.errors import ConfigError, CorruptBlob, NotFound, TierError, UpstreamFailed
 from proxy.negative import NegativeCache
 from proxy.spool import MemoryBudget, Spool, SpoolFailed
-from proxy.tier import Blob, FileBlob, Stat, Tier
+from proxy.tier import Blob, FileBlob, Payload, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
 log = logging.getLogger(__name__)
@@ -492,11 +492,11 @@ class Composite:
                 stats.cache_write_errors += 1
                 log.warning("could not cache %s in %s: %r", digest, tier.name, error)
 
-    async def put(self, digest: str, spool: Spool, targets: Iterable[Tier]) -> None:
-        """Store a verified spool in the given tiers, and forget any "found nowhere"."""
+    async def put(self, digest: str, payload: Payload, targets: Iterable[Tier]) -> None:
+        """Store a verified blob in the given tiers, and forget any "found nowhere"."""
         digest = Digest.parse(digest)
         for tier in targets:
-            await tier.put(digest, spool)
+            await tier.put(digest, payload)
         await self.negative.discard(digest)
 
     # -- reporting -----------------------------------------------------------------------

@@ -56,7 +56,3 @@ class Digest(str):
 
 def digest_of(data: bytes | bytearray | memoryview, algorithm: Algorithm = "sha1") -> Digest:
     return Digest(hashlib.new(algorithm, data).hexdigest())
-
-
-def is_digest(text: str) -> bool:
-    return len(text) in _ALGORITHM_BY_LENGTH and _HEX.fullmatch(text) is not None

@@ -200,12 +200,6 @@ class Spool:
             return None
         return open(self.path, "rb")
 
-    async def wait_verified(self) -> None:
-        while not self.verified:
-            if self.failed is not None:
-                raise SpoolFailed(str(self.failed)) from self.failed
-            await self._changed.wait()
-
     async def wait_for_size(self, size: int) -> None:
         """Wait until ``size`` bytes arrived, or the spool is verified or failed."""
         while self.size < size and not self.verified and self.failed is None:

@@ -61,11 +61,9 @@ class Uploader:
         first, rest = self.targets[0], self.targets[1:]
         try:
             created = await first.stat(digest) is None
-            if created:
-                await first.put(digest, spool)
+            await self.store.put(digest, spool, [first] if created else [])  # also forgets "absent"
         except (TierError, OSError) as error:
             raise UpstreamFailed(f"could not store {digest} in {first.name}: {error}") from error
         if rest and self.queue is not None:
             await self.queue.enqueue(digest, spool, [tier.name for tier in rest])
-        await self.store.negative.discard(digest)
         return Stored(digest, spool.size, created)

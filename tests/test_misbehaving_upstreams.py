@@ -72,14 +72,6 @@ def resetting(data: bytes) -> Handler:
     return handler
 
 
-async def settled(client: Client, limit: float = 5.0) -> None:
-    """Wait until no fill is in flight (cache writes finish after the client has its bytes)."""
-    deadline = time.monotonic() + limit
-    while client.app[STORE].snapshot()["in_flight"]:
-        assert time.monotonic() < deadline, "a fill never finished"
-        await asyncio.sleep(0.01)
-
-
 async def drain(response: aiohttp.ClientResponse, into: bytearray) -> None:
     async for chunk in response.content.iter_any():
         into += chunk
@@ -107,7 +99,7 @@ async def test_corrupt_upstream_is_skipped_for_the_next(
     assert response.status == 200
     assert await response.read() == data
     assert response.headers["X-Cache-Tier"] == "good"
-    await settled(client)
+    await client.app[STORE].wait_idle()
     stats = client.app[STORE].snapshot()["tiers"]
     assert (stats["liar"]["corrupt"], stats["good"]["corrupt"]) == (1, 0)
     assert (liar.requests, good.requests) == ([digest], [digest])
@@ -226,7 +218,7 @@ async def test_reset_mid_body_falls_through_to_next_tier(
     assert await response.read() == data
     assert response.headers["X-Cache-Tier"] == "good"
     assert broken.requests == [digest]
-    await settled(client)
+    await client.app[STORE].wait_idle()
     assert client.app[STORE].snapshot()["tiers"]["broken"]["errors"] == 1
 
 
@@ -283,7 +275,7 @@ async def test_streamed_blob_corrupt_at_the_end_is_cut_off_and_not_cached(
     if sized:
         assert len(received) < len(data)
 
-    await settled(client)
+    await client.app[STORE].wait_idle()
     assert client.app[STORE].snapshot()["tiers"]["origin"]["corrupt"] == 1
     mode["serve"] = "nothing"
     response = await client.get(f"/sha1/{digest}")
@@ -304,7 +296,7 @@ async def test_streamed_blob_good_is_complete_and_cached(
     assert response.status == 200
     assert await response.read() == data
     assert response.headers["X-Cache"] == "MISS"
-    await settled(client)
+    await client.app[STORE].wait_idle()
     response = await client.get(f"/sha1/{digest}")
     assert await response.read() == data
     assert (response.headers["X-Cache"], response.headers["X-Cache-Tier"]) == ("HIT", "disk")
@@ -334,7 +326,7 @@ async def test_client_leaving_a_streamed_response_does_not_stop_the_fill(
     await response.content.readexactly(100_000)  # part of it, then hang up
     response.close()
 
-    await settled(client)
+    await client.app[STORE].wait_idle()
     response = await client.get(f"/sha1/{digest}")
     assert await response.read() == data
     assert (response.headers["X-Cache"], response.headers["X-Cache-Tier"]) == ("HIT", "disk")

@@ -64,14 +64,6 @@ def spy_on(client: Client, tier: str) -> list[str]:
     return calls
 
 
-async def settled(client: Client, limit: float = 5.0) -> None:
-    """Wait until no fill is in flight: cache writes happen after the first client got its bytes."""
-    deadline = time.monotonic() + limit
-    while client.app[STORE].snapshot()["in_flight"]:
-        assert time.monotonic() < deadline, "a fill never finished"
-        await asyncio.sleep(0.01)
-
-
 async def wait_for_key(bucket: Bucket, key: str, limit: float = 5.0) -> None:
     deadline = time.monotonic() + limit
     while True:
@@ -102,7 +94,7 @@ async def test_second_bucket_serves_then_disk_hits(
     assert await response.read() == data
     assert (response.headers["X-Cache"], response.headers["X-Cache-Tier"]) == ("MISS", "b")
     assert response.headers["Content-Length"] == str(len(data))
-    await settled(client)
+    await client.app[STORE].wait_idle()
     assert "GetObject" in calls_b
 
     # The bucket no longer has it, and is not asked again: the disk cache answers.
@@ -167,7 +159,7 @@ async def test_api_result_lands_in_cache_bucket(
     assert (response.headers["X-Cache"], response.headers["X-Cache-Tier"]) == ("MISS", "api")
 
     await wait_for_key(bucket, f"m/{digest}")
-    await settled(client)  # the counters move once put() has returned
+    await client.app[STORE].wait_idle()  # the counters move once put() has returned
     assert bucket.get(f"m/{digest}") == data
     assert DictOrigin.calls == [digest]
     stats = client.app[STORE].snapshot()["tiers"]
@@ -191,7 +183,7 @@ async def test_corrupt_copy_is_skipped_and_never_cached(
     assert response.status == 200
     assert await response.read() == data
     assert response.headers["X-Cache-Tier"] == "good"
-    await settled(client)
+    await client.app[STORE].wait_idle()
     stats = client.app[STORE].snapshot()["tiers"]
     assert (stats["bad"]["corrupt"], stats["bad"]["hits"]) == (1, 0)
     assert (stats["good"]["corrupt"], stats["good"]["hits"]) == (0, 1)
@@ -252,7 +244,7 @@ async def test_gzip_cache_bucket_round_trip(
     assert response.status == 200
     assert await response.read() == data
     await wait_for_key(bucket, f"gz/{digest}")
-    await settled(client)
+    await client.app[STORE].wait_idle()
     assert gzip.decompress(bucket.get(f"gz/{digest}")) == data
 
     response = await client.get(f"/sha1/{digest}")

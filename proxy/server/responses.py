@@ -10,7 +10,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from proxy.errors import RangeNotSatisfiable
-from proxy.tier import CHUNK_SIZE, FileBlob
+from proxy.tier import FileBlob
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -99,12 +99,3 @@ async def send_stream(
         raise
     await response.write_eof()
     return response
-
-
-def iter_bytes(data: bytes) -> AsyncIterator[bytes]:
-    async def gen() -> AsyncIterator[bytes]:
-        view = memoryview(data)
-        for offset in range(0, len(view), CHUNK_SIZE):
-            yield view[offset : offset + CHUNK_SIZE].tobytes()
-
-    return gen()
