@@ -55,7 +55,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             return response
     opened = await store.open(digest)
     if opened.blob is not None:
-        return _send_blob(request, opened.blob, _headers(digest, opened.tier, opened.hit))
+        return await _send_blob(request, opened.blob, _headers(digest, opened.tier, opened.hit))
     try:
         return await _send_fill(request, opened)
     finally:
@@ -84,13 +84,13 @@ def _set_length(response: web.StreamResponse, span: tuple[int, int] | None, size
     return start, end
 
 
-def _send_blob(request: web.Request, blob: Blob, headers: dict[str, str]) -> web.StreamResponse:
-    """A verified blob that is whole: from memory, or a file for sendfile."""
+async def _send_blob(request: web.Request, blob: Blob, headers: dict[str, str]) -> web.StreamResponse:
+    """A verified blob that is whole: from memory, or a file for sendfile (which closes it)."""
     assert blob.size is not None
     try:
         span = parse_range(request.headers.get("Range"), blob.size)
     except Exception:
-        asyncio.get_running_loop().create_task(blob.close())
+        await blob.close()  # a 416: the response will not own the open file
         raise
     if isinstance(blob, BytesBlob):
         start, end = span or (0, blob.size)
@@ -131,7 +131,7 @@ async def _send_fill(request: web.Request, opened: Opened) -> web.StreamResponse
         blob: Blob = BytesBlob(data) if data is not None else FileBlob(file, spool.size)  # type: ignore[arg-type]
     finally:
         spool.release()  # an open file keeps the bytes readable
-    return _send_blob(request, blob, _headers(opened.digest, tier.name, tier.role == "cache"))
+    return await _send_blob(request, blob, _headers(opened.digest, tier.name, tier.role == "cache"))
 
 
 async def _worth_streaming(fill: Fill, threshold: int) -> bool:
