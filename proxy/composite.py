@@ -22,9 +22,11 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy import metrics
 from proxy.breaker import Breaker
 from proxy.digest import Digest
 from proxy.errors import ConfigError, CorruptBlob, NotFound, TierError, UpstreamFailed
+from proxy.interlock import FillLocks
 from proxy.negative import NegativeCache
 from proxy.spool import MemoryBudget, Spool, SpoolFailed
 from proxy.tier import Blob, FileBlob, Payload, Stat, Tier
@@ -132,6 +134,7 @@ class Composite:
         self.negative = negative_cache or NegativeCache()
         self.coalesced = 0
         self._spool_dir = spool_dir
+        self._fill_locks: FillLocks | None = None  # from the first disk cache: see proxy.interlock
         self._spool_budget = MemoryBudget(spool_memory)
         self._breaker = (breaker_threshold, breaker_cooldown)
         self._fills: dict[Digest, Fill] = {}
@@ -154,6 +157,9 @@ class Composite:
         self.breakers[tier.name] = Breaker(*self._breaker)
         if self._spool_dir is None:
             self._spool_dir = getattr(tier, "spool_dir", None)
+        lock_path = getattr(tier, "fill_lock_path", None)
+        if self._fill_locks is None and lock_path is not None:
+            self._fill_locks = FillLocks(lock_path)
         return tier
 
     def append_source(self, tier: Tier | APIOrigin) -> Tier:
@@ -195,7 +201,7 @@ class Composite:
         except ConfigError:
             raise
         except Exception as error:  # noqa: BLE001 - the tier reports itself failing on use
-            self.breakers[tier.name].failed()
+            self._breaker_failed(tier)
             log.error("tier %s could not start: %r", tier.name, error)
 
     async def wait_idle(self) -> None:
@@ -211,6 +217,8 @@ class Composite:
             with contextlib.suppress(Exception):
                 await tier.close()
         await self.negative.close()
+        if self._fill_locks is not None:
+            self._fill_locks.close()
         self._started = False
 
     async def __aenter__(self) -> Composite:
@@ -269,13 +277,14 @@ class Composite:
         if hit is not None:
             return hit
         fill = self._fills.get(digest)
-        if fill is None and await self.negative.contains(digest):
+        if fill is None and await self._remembered_absent(digest):
             raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
         fill = fill or self._fills.get(digest)  # another request may have started one meanwhile
         if fill is None:
             fill = self._start_fill(digest)
         else:
             self.coalesced += 1
+            metrics.COALESCED.labels("process").inc()
         fill.attach()
         try:
             await fill.started.wait()
@@ -303,7 +312,7 @@ class Composite:
             found = await self._ask(tier, tier.stat(digest))
             if found is not None:
                 return tier, found
-        if digest not in self._fills and await self.negative.contains(digest):
+        if digest not in self._fills and await self._remembered_absent(digest):
             raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
         errors: list[str] = []
         for tier in self.tiers[len(trusted) :]:
@@ -348,9 +357,7 @@ class Composite:
         for tier in trusted:  # the hot path: no awaits, no timers
             blob = tier.peek(digest)
             if blob is not None:
-                stats = self.stats[tier.name]
-                stats.hits += 1
-                stats.bytes += blob.size or 0
+                self._count_hit(tier, blob.size or 0)
                 return Opened(digest, tier.name, tier.role == "cache", blob=blob)
         for tier in trusted:
             try:
@@ -358,10 +365,9 @@ class Composite:
             except _Skipped:
                 continue
             if blob is not None:
-                self.stats[tier.name].hits += 1
-                self.stats[tier.name].bytes += blob.size or 0
+                self._count_hit(tier, blob.size or 0)
                 return Opened(digest, tier.name, tier.role == "cache", blob=blob)
-            self.stats[tier.name].misses += 1
+            self._count_miss(tier)
         return None
 
     async def _ask(self, tier: Tier, call: Any, errors: list[str] | None = None) -> Any:
@@ -378,7 +384,7 @@ class Composite:
         except (TierError, OSError, TimeoutError) as error:
             self._tier_failed(tier, error, errors)
             raise _Skipped from error
-        breaker.succeeded()
+        self._breaker_succeeded(tier)
         return answer
 
     def _tier_failed(self, tier: Tier, error: BaseException, errors: list[str] | None) -> None:
@@ -387,12 +393,14 @@ class Composite:
             text = f"no answer within {tier.timeout:g}s"
         if not text.startswith(tier.name):
             text = f"{tier.name}: {text}"
-        self.breakers[tier.name].failed()
+        self._breaker_failed(tier)
         if isinstance(error, CorruptBlob):
             self.stats[tier.name].corrupt += 1
+            metrics.LOOKUPS.labels(tier.name, "corrupt").inc()
             log.error("corrupt copy skipped: %s", text)
         else:
             self.stats[tier.name].errors += 1
+            metrics.LOOKUPS.labels(tier.name, "error").inc()
             log.warning("tier failed: %s", text)
         if errors is not None:
             errors.append(text)
@@ -417,20 +425,24 @@ class Composite:
         trusted = self._trusted_head()
         errors: list[str] = []
         try:
-            # A fill that finished just before this one started may have cached it already.
-            for tier in trusted:
-                with contextlib.suppress(_Skipped):
-                    if await self._ask(tier, tier.stat(digest)) is not None:
-                        fill.result.set_exception(_InTrustedTier())
+            async with self._exclusive(digest) as waited:
+                # A fill that finished just before this one (here or in another process that
+                # shares the disk cache) may have cached it already.
+                for tier in trusted:
+                    with contextlib.suppress(_Skipped):
+                        if await self._ask(tier, tier.stat(digest)) is not None:
+                            fill.result.set_exception(_InTrustedTier())
+                            return
+                if waited and await self._remembered_absent(digest):
+                    raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
+                for index in range(len(trusted), len(self.tiers)):
+                    tier = self.tiers[index]
+                    spool = await self._fetch_from(fill, tier, errors)
+                    if spool is not None:
+                        fill.result.set_result(spool)
+                        await self._fill_caches(digest, spool, self.tiers[:index])
                         return
-            for index in range(len(trusted), len(self.tiers)):
-                tier = self.tiers[index]
-                spool = await self._fetch_from(fill, tier, errors)
-                if spool is not None:
-                    fill.result.set_result(spool)
-                    await self._fill_caches(digest, spool, self.tiers[:index])
-                    return
-            await self._nothing_found(digest, errors)
+                await self._nothing_found(digest, errors)
         except BaseException as error:
             if not fill.result.done():
                 fill.result.set_exception(error)
@@ -442,15 +454,55 @@ class Composite:
                 del self._fills[digest]
             fill.finish()
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, digest: Digest) -> AsyncIterator[bool]:
+        """One fill per digest across the processes sharing the disk cache; yields True if
+        this one waited for another process's fill (which has cached the blob, or failed)."""
+        if self._fill_locks is None or not self._trusted_head():
+            yield False
+            return
+        async with self._fill_locks.hold(digest) as waited:
+            if waited:
+                metrics.COALESCED.labels("workers").inc()
+            yield waited
+
+    async def _remembered_absent(self, digest: Digest) -> bool:
+        if await self.negative.contains(digest):
+            metrics.NEGATIVE_HITS.inc()
+            return True
+        return False
+
+    def _count_hit(self, tier: Tier, size: int) -> None:
+        stats = self.stats[tier.name]
+        stats.hits += 1
+        stats.bytes += size
+        metrics.LOOKUPS.labels(tier.name, "hit").inc()
+        metrics.TIER_BYTES.labels(tier.name).inc(size)
+
+    def _count_miss(self, tier: Tier) -> None:
+        self.stats[tier.name].misses += 1
+        metrics.LOOKUPS.labels(tier.name, "miss").inc()
+
+    def _breaker_failed(self, tier: Tier) -> None:
+        breaker = self.breakers[tier.name]
+        breaker.failed()
+        if breaker.state != "closed":
+            metrics.BREAKER_STATE.labels(tier.name).set(1)
+
+    def _breaker_succeeded(self, tier: Tier) -> None:
+        breaker = self.breakers[tier.name]
+        if breaker.state != "closed":
+            metrics.BREAKER_STATE.labels(tier.name).set(0)
+        breaker.succeeded()
+
     async def _fetch_from(self, fill: Fill, tier: Tier, errors: list[str]) -> Spool | None:
         """Stream one tier's copy into a new spool; the spool if it verified, else None."""
-        stats = self.stats[tier.name]
         try:
             blob = await self._ask(tier, tier.open(fill.digest), errors)
         except _Skipped:
             return None
         if blob is None:
-            stats.misses += 1
+            self._count_miss(tier)
             return None
         if fill.spool is not None:
             fill.spool.release()
@@ -473,9 +525,8 @@ class Composite:
         finally:
             with contextlib.suppress(Exception):
                 await blob.close()
-        self.breakers[tier.name].succeeded()
-        stats.hits += 1
-        stats.bytes += spool.size
+        self._breaker_succeeded(tier)
+        self._count_hit(tier, spool.size)
         return spool
 
     async def _fill_caches(self, digest: Digest, spool: Spool, before: list[Tier]) -> None:
@@ -488,8 +539,10 @@ class Composite:
             try:
                 await tier.put(digest, spool)
                 stats.cache_writes += 1
+                metrics.CACHE_WRITES.labels(tier.name, "ok").inc()
             except Exception as error:  # noqa: BLE001 - a cache write must never fail the request
                 stats.cache_write_errors += 1
+                metrics.CACHE_WRITES.labels(tier.name, "error").inc()
                 log.warning("could not cache %s in %s: %r", digest, tier.name, error)
 
     async def put(self, digest: str, payload: Payload, targets: Iterable[Tier]) -> None:

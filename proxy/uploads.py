@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from proxy import metrics
 from proxy.composite import Composite
 from proxy.digest import Algorithm, Digest
 from proxy.errors import CorruptBlob, DigestMismatch, Forbidden, TierError, UpstreamFailed
@@ -66,4 +67,5 @@ class Uploader:
             raise UpstreamFailed(f"could not store {digest} in {first.name}: {error}") from error
         if rest and self.queue is not None:
             await self.queue.enqueue(digest, spool, [tier.name for tier in rest])
+        metrics.UPLOADS.labels("stored" if created else "existed").inc()
         return Stored(digest, spool.size, created)

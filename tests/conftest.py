@@ -40,6 +40,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def spool_files(cache_dir: Path) -> list[Path]:
+    """Temp files of blobs being received, in every process's spool folder of a disk tier."""
+    return list(cache_dir.glob("spool/*/spool-*"))
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

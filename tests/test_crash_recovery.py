@@ -112,7 +112,10 @@ async def test_kill_9_mid_fill_then_restart(
 
     up = await upstream(handler)
     cache = tmp_path / "cache"
-    spool = cache / "spool"
+    spool = cache / "spool"  # one folder per process: spool/<pid>/spool-*
+
+    def spool_files() -> list[Path]:
+        return list(spool.glob("*/spool-*"))
     port = free_port()
     config = write_config(
         tmp_path / "config.toml",
@@ -137,19 +140,20 @@ async def test_kill_9_mid_fill_then_restart(
         reader = asyncio.create_task(read_all())
         await wait_until(lambda: state["sent"] >= SIZE // 2, 10, "the upstream to send half")
         # The partial copy is on disk now: this is what a restart must clear.
-        await wait_until(lambda: spool.is_dir() and any(spool.iterdir()), 5, "a spool file")
+        await wait_until(lambda: bool(spool_files()), 5, "a spool file")
         proxy.kill()
         with pytest.raises(aiohttp.ClientError):
             await reader
         assert state["sent"] < SIZE, "the upstream finished before the kill: make it slower"
-        assert any(spool.iterdir())
+        killed = {path.parent for path in spool_files()}
         assert len(up.requests) == 1
 
         state["slow"] = False
         proxy.start()
         startup = await proxy.wait_healthy(session, limit=5)
         assert startup < 5
-        assert list(spool.iterdir()) == []  # leftovers of the killed process are gone
+        assert spool_files() == []  # leftovers of the killed process are gone
+        assert not any(folder.exists() for folder in killed)
 
         async with session.get(f"{proxy.url}/sha1/{digest}") as response:
             assert response.status == 200

@@ -18,7 +18,7 @@ from proxy.encoding import encode_bytes
 from proxy.negative import NegativeCache
 from proxy.spool import MemoryBudget, Spool
 from proxy.tier import Blob, Tier
-from tests.conftest import make_blob
+from tests.conftest import make_blob, spool_files
 
 
 class DictAPI(APIOrigin):
@@ -91,7 +91,7 @@ async def test_streamed_origin_large_blob_is_spooled_and_cached(tmp_path: Path) 
         opened = await store.open(digest)
         assert opened.hit and opened.tier == "disk"
         await opened.close()
-    assert not os.listdir(tmp_path / "cache" / "spool")  # no temp files left behind
+    assert spool_files(tmp_path / "cache") == []  # no temp files left behind
 
 
 async def test_corrupt_copy_is_skipped_counted_and_never_cached(tmp_path: Path) -> None:

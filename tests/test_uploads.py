@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from proxy.access import check_exposure
 from proxy.config import load_config
 from proxy.errors import ConfigError
 from proxy.server.keys import SERVICE, STORE
-from tests.conftest import Bucket, ProxyFactory, make_blob, write_config
+from tests.conftest import Bucket, ProxyFactory, make_blob, spool_files, write_config
 
 Client = TestClient[web.Request, web.Application]
 UPLOAD = {"Authorization": "Bearer up-token"}
@@ -98,7 +97,7 @@ async def test_mismatch_stores_nothing_anywhere(proxy: Client, tmp_path: Path) -
     assert response.status == 400 and (await response.json())["type"] == "digest-mismatch"
     assert stored_anywhere(tmp_path, digest) == []
     assert (await proxy.get(f"/sha1/{digest}")).status == 404
-    assert not os.listdir(tmp_path / "cache" / "spool")
+    assert spool_files(tmp_path / "cache") == []
 
 
 async def test_oversized_upload_is_413_and_stores_nothing(proxy: Client, tmp_path: Path) -> None:

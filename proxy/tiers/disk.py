@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import stat
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import diskcache
 
+from proxy import metrics
 from proxy.digest import Digest
 from proxy.errors import ConfigError, TierError
 from proxy.spool import SPOOL_PREFIX
@@ -31,6 +34,9 @@ DEFAULT_SIZE_LIMIT = 10 << 30
 TOUCH_INTERVAL = 5.0  # seconds between writes of recent hits' access times
 log = logging.getLogger(__name__)
 SPOOL_DIR = "spool"  # temp files live inside the cache so a commit is a hard link, not a copy
+FILL_LOCKS = "fills.lock"  # see proxy.interlock
+_SPOOL_LOCK = ".lock"
+_SPOOL_GRACE = 60.0  # seconds a new spool folder may go without its lock file (being created)
 
 
 class _LinkFrom:
@@ -129,7 +135,12 @@ class DiskTier(Tier):
         self.role = role
         self.timeout = timeout
         self.path = os.path.abspath(path)
-        self.spool_dir = os.path.join(self.path, SPOOL_DIR)
+        # Every process (worker) spools into its own folder, so one starting cannot clear
+        # another's writes in progress.
+        self.spool_root = os.path.join(self.path, SPOOL_DIR)
+        self.spool_dir = os.path.join(self.spool_root, str(os.getpid()))
+        self.fill_lock_path = os.path.join(self.path, FILL_LOCKS)
+        self._spool_lock: int | None = None
         self.size_limit = parse_size(size_limit)
         self.min_free = parse_size(min_free)
         self.hot = HotCache(parse_size(memory_limit), parse_size(memory_item_limit))
@@ -155,9 +166,7 @@ class DiskTier(Tier):
                 f"tier {self.name!r}: {self.path} is writable by others; the cache directory "
                 "must be private (chmod 700) since its database is trusted"
             )
-        # Leftover spool files are partial or unverified writes of a crashed process.
-        shutil.rmtree(self.spool_dir, ignore_errors=True)
-        os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+        self._claim_spool()
         self._cache = diskcache.Cache(
             self.path,
             disk=RawDisk,
@@ -173,6 +182,20 @@ class DiskTier(Tier):
         self._reader = diskcache.Cache(self.path, disk=RawDisk)
         self._reader.reset("eviction_policy", "none", update=False)
 
+    def _claim_spool(self) -> None:
+        """Make this process's spool folder, locked while it runs. A folder whose lock is free
+        belonged to a process that died: its files are partial or unverified writes."""
+        os.makedirs(self.spool_root, mode=0o700, exist_ok=True)
+        for entry in os.scandir(self.spool_root):
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)  # the single-process layout of earlier versions
+            elif entry.path == self.spool_dir or _abandoned(entry.path):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        os.makedirs(self.spool_dir, mode=0o700)
+        fd = os.open(os.path.join(self.spool_dir, _SPOOL_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._spool_lock = fd
+
     async def close(self) -> None:
         if self._toucher is not None:
             self._toucher.cancel()
@@ -180,6 +203,10 @@ class DiskTier(Tier):
             await self._run(self._touch_recent)
             await self._run(self._cache.close)
             await self._run(self.reader.close)
+        if self._spool_lock is not None:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            os.close(self._spool_lock)
+            self._spool_lock = None
         self._executor.shutdown(wait=False)
 
     async def flush_access_times(self) -> None:
@@ -311,6 +338,7 @@ class DiskTier(Tier):
                 return False
             if cache.delete(row[0]):
                 self.evictions += 1
+                metrics.EVICTIONS.labels(self.name).inc()
                 self.hot.discard(row[0])
 
     async def delete(self, digest: Digest) -> bool:
@@ -341,3 +369,21 @@ class DiskTier(Tier):
             "memory_size": self.hot.size,
             "memory_limit": self.hot.limit,
         }
+
+
+def _abandoned(folder: str) -> bool:
+    """True if the process that made this spool folder is gone (its lock is free)."""
+    try:
+        fd = os.open(os.path.join(folder, _SPOOL_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Made a moment ago by a process that has not locked it yet, or left by a crash then.
+        with contextlib.suppress(FileNotFoundError):
+            return time.time() - os.stat(folder).st_mtime > _SPOOL_GRACE
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also releases the lock just taken
+    return True

@@ -1,0 +1,40 @@
+"""Prometheus series (SPEC 8), shared by the domain and the HTTP layer.
+
+With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before any worker imports this module:
+prometheus-client then keeps each worker's values in files there and a scrape of any worker
+aggregates them all. State that lives on disk anyway (cache size, queue depth) is read at scrape
+time instead (see proxy.server.metrics).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "casproxy_http_requests",
+    "HTTP requests answered, by route template, method and status",
+    ["route", "method", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "casproxy_http_request_duration_seconds",
+    "Time to answer (headers and body sent), by route template and method",
+    ["route", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+LOOKUPS = Counter("casproxy_tier_lookups", "Tier lookups by result: hit, miss, error, corrupt", ["tier", "result"])
+TIER_BYTES = Counter("casproxy_tier_bytes", "Verified bytes read from each tier", ["tier"])
+CACHE_WRITES = Counter("casproxy_cache_writes", "Copies written into cache tiers, by result", ["tier", "result"])
+COALESCED = Counter(
+    "casproxy_coalesced_waits",
+    "Requests that waited for a fill already in flight, in this process or in another worker",
+    ["scope"],
+)
+NEGATIVE_HITS = Counter("casproxy_negative_cache_hits", "Lookups answered 'found nowhere' by the negative cache")
+EVICTIONS = Counter("casproxy_disk_evictions", "Entries evicted from disk cache tiers", ["tier"])
+BREAKER_STATE = Gauge(
+    "casproxy_breaker_open",
+    "1 while a tier's circuit breaker is open (skipped) in any worker, else 0",
+    ["tier"],
+    multiprocess_mode="livemax",
+)
+UPLOADS = Counter("casproxy_uploads", "Verified uploads: stored (new) or existed (already there)", ["result"])
