@@ -3,6 +3,10 @@
 Each pending copy is a row (digest, target) in SQLite plus one verified file per digest in the
 queue's own folder, so neither a restart nor the disk cache's evictions can lose queued work.
 A failing target is retried with exponential backoff, forever: work is never dropped silently.
+
+Several processes (workers) may share one queue: a copy is leased to one of them while it runs,
+and the file and its rows change together under SQLite's write lock, so no worker deletes a
+file another has just queued again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +27,7 @@ from proxy.tier import FilePayload, Payload, Tier
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0  # seconds: a target that is down for hours is still tried every 5 minutes
+LEASE = 300.0  # seconds a copy in progress is hidden from other workers (a crashed one's comes back)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
     digest TEXT NOT NULL,
@@ -47,6 +52,7 @@ class ReplicationQueue:
         self._db: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="replication")  # one SQLite writer
         self._wake = asyncio.Event()
+        self._leased: set[tuple[str, str]] = set()  # copies this process is making now
         self._worker: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -57,13 +63,15 @@ class ReplicationQueue:
 
     def _open(self) -> None:
         os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
-        self._db = sqlite3.connect(os.path.join(self.directory, "queue.sqlite3"), check_same_thread=False)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE takes the write lock up front).
+        self._db = sqlite3.connect(
+            os.path.join(self.directory, "queue.sqlite3"), check_same_thread=False, isolation_level=None, timeout=30
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
-        self._db.commit()
         # Temp files of an enqueue that crashed before its commit hold nothing anyone waits for.
         for name in os.listdir(self.blob_dir):
-            if name.startswith(".tmp-"):
+            if name.startswith(".tmp-") and _writer_gone(name):
                 os.unlink(os.path.join(self.blob_dir, name))
 
     async def close(self) -> None:
@@ -71,6 +79,8 @@ class ReplicationQueue:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        if self._db is not None and self._leased:
+            await self._run(self._release_leases)
         if self._db is not None:
             await self._run(self._db.close)
         self._executor.shutdown(wait=False)
@@ -83,6 +93,17 @@ class ReplicationQueue:
         assert self._db is not None, "queue not started"
         return self._db
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
     # -- producing -----------------------------------------------------------------------
 
     async def enqueue(self, digest: Digest, payload: Payload, targets: list[str]) -> None:
@@ -92,19 +113,18 @@ class ReplicationQueue:
             self._wake.set()
 
     def _enqueue(self, digest: Digest, payload: Payload, targets: list[str]) -> None:
-        path = os.path.join(self.blob_dir, digest)
-        if not os.path.exists(path):
-            temp = os.path.join(self.blob_dir, f".tmp-{digest}-{os.getpid()}")
-            source = payload.open()
-            if source is None:
-                with open(temp, "wb") as out:
-                    out.write(payload.data or b"")
-            else:
-                with source, open(temp, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-            os.replace(temp, path)
-        with self.db:
-            self.db.executemany(
+        # The copy is written outside the lock; renaming it and adding its rows happen together.
+        temp = os.path.join(self.blob_dir, f".tmp-{os.getpid()}-{digest}")
+        source = payload.open()
+        if source is None:
+            with open(temp, "wb") as out:
+                out.write(payload.data or b"")
+        else:
+            with source, open(temp, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+        with self._transaction() as db:
+            os.replace(temp, os.path.join(self.blob_dir, digest))
+            db.executemany(
                 "INSERT OR IGNORE INTO pending (digest, target, size, next_try) VALUES (?, ?, ?, ?)",
                 [(str(digest), target, payload.size, time.time()) for target in targets],
             )
@@ -135,15 +155,34 @@ class ReplicationQueue:
 
     def _due(self) -> tuple[list[tuple[str, str, int, int]], float]:
         now = time.time()
-        rows = self.db.execute(
-            "SELECT digest, target, size, attempts FROM pending WHERE next_try <= ? ORDER BY next_try LIMIT ?",
-            (now, self.concurrency),
-        ).fetchall()
-        upcoming = self.db.execute("SELECT MIN(next_try) FROM pending").fetchone()[0]
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT digest, target, size, attempts FROM pending WHERE next_try <= ? ORDER BY next_try LIMIT ?",
+                (now, self.concurrency),
+            ).fetchall()
+            db.executemany(
+                "UPDATE pending SET next_try = ? WHERE digest = ? AND target = ?",
+                [(now + LEASE, digest, target) for digest, target, _, _ in rows],
+            )
+            upcoming = db.execute("SELECT MIN(next_try) FROM pending").fetchone()[0]
+        self._leased.update((digest, target) for digest, target, _, _ in rows)
         wait = MAX_BACKOFF if upcoming is None else max(0.05, min(MAX_BACKOFF, upcoming - now))
         return rows, wait
 
+    def _release_leases(self) -> None:
+        """Copies interrupted by a shutdown are due again at once, not after their lease."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE pending SET next_try = ? WHERE digest = ? AND target = ?",
+                [(time.time(), digest, target) for digest, target in self._leased],
+            )
+        self._leased.clear()
+
     async def _replicate(self, digest: str, target: str, size: int, attempts: int) -> None:
+        await self._copy(digest, target, size, attempts)
+        self._leased.discard((digest, target))  # not when cancelled: close() gives it back
+
+    async def _copy(self, digest: str, target: str, size: int, attempts: int) -> None:
         path = os.path.join(self.blob_dir, digest)
         tier = self.targets.get(target)
         try:
@@ -169,17 +208,32 @@ class ReplicationQueue:
         await self._run(self._done, digest, target)
 
     def _retry_later(self, digest: str, target: str, delay: float, error: str) -> None:
-        with self.db:
-            self.db.execute(
+        with self._transaction() as db:
+            db.execute(
                 "UPDATE pending SET attempts = attempts + 1, next_try = ?, last_error = ? "
                 "WHERE digest = ? AND target = ?",
                 (time.time() + delay, error[:500], digest, target),
             )
 
     def _done(self, digest: str, target: str) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM pending WHERE digest = ? AND target = ?", (digest, target))
-            left = self.db.execute("SELECT COUNT(*) FROM pending WHERE digest = ?", (digest,)).fetchone()[0]
-        if not left:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.blob_dir, digest))
+        with self._transaction() as db:
+            db.execute("DELETE FROM pending WHERE digest = ? AND target = ?", (digest, target))
+            left = db.execute("SELECT COUNT(*) FROM pending WHERE digest = ?", (digest,)).fetchone()[0]
+            if not left:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.blob_dir, digest))
+
+
+def _writer_gone(name: str) -> bool:
+    """A temp file ``.tmp-<pid>-<digest>`` whose writer process no longer runs (or is this
+    one, which is only starting and has nothing in flight)."""
+    pid = name.split("-")[1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True  # also the ``.tmp-<digest>-<pid>`` layout of earlier versions
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, as another user
+    return False
