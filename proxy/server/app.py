@@ -12,6 +12,7 @@ from proxy.digest import ALGORITHMS
 from proxy.errors import BadDigest
 from proxy.server import blobs, bulk, ops, uploads
 from proxy.server.keys import CONFIG, SERVICE, STORE
+from proxy.server.metrics import get_metrics, metrics_middleware
 from proxy.server.openapi import openapi
 from proxy.server.problems import problems_middleware
 from proxy.service import build_service
@@ -27,7 +28,7 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config, store: Composite | None = None) -> web.Application:
-    app = web.Application(middlewares=[problems_middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[metrics_middleware, problems_middleware], client_max_size=1 << 20)
     service = build_service(config, store)
     app[CONFIG] = config
     app[SERVICE] = service
@@ -60,5 +61,6 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     router.add_get("/healthz", ops.healthz)
     router.add_get("/readyz", ops.readyz)
     router.add_get("/stats", ops.stats)
+    router.add_get("/metrics", get_metrics)
     router.add_get("/openapi.json", _openapi)
     return app

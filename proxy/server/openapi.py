@@ -98,6 +98,12 @@ def openapi() -> dict[str, Any]:
                 }
             },
             "/stats": {"get": {"summary": "Per-tier counters and cache sizes", "responses": json_ok}},
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text format, every worker aggregated; names prefixed casproxy_",
+                    "responses": {"200": {"description": "text/plain; version=0.0.4"}},
+                }
+            },
             "/openapi.json": {"get": {"summary": "This document", "responses": json_ok}},
         },
         "components": {

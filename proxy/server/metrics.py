@@ -1,0 +1,93 @@
+"""``GET /metrics`` in the Prometheus text format, and the middleware that counts requests.
+
+With several workers the series come from prometheus-client's multiprocess files, so whichever
+worker answers the scrape reports all of them. Gauges of shared state (the disk cache, the upload
+queue) are read at scrape time: every worker sees the same cache and queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from proxy import metrics
+from proxy.server.keys import SERVICE
+from proxy.tiers.disk import DiskTier
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts every request by route template (never the raw path: one series per hash would
+    grow without bound). The time ends when the handler returns: a file handed to sendfile is
+    sent after that."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.REQUESTS.labels(route, request.method, str(status)).inc()
+        metrics.REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - started)
+
+
+class _SharedState(Collector):
+    """The disk cache tiers and the upload queue, as this worker sees them now."""
+
+    def __init__(self, disks: list[tuple[str, int, int, int]], queue_depth: int) -> None:
+        self.disks = disks
+        self.queue_depth = queue_depth
+
+    def collect(self) -> Iterator[Metric]:
+        size = GaugeMetricFamily("casproxy_disk_cache_bytes", "Bytes stored in each disk cache tier", labels=["tier"])
+        limit = GaugeMetricFamily("casproxy_disk_cache_limit_bytes", "size_limit of each disk tier", labels=["tier"])
+        entries = GaugeMetricFamily("casproxy_disk_cache_entries", "Blobs in each disk cache tier", labels=["tier"])
+        for name, volume, size_limit, count in self.disks:
+            size.add_metric([name], volume)
+            limit.add_metric([name], size_limit)
+            entries.add_metric([name], count)
+        yield from (size, limit, entries)
+        yield GaugeMetricFamily(
+            "casproxy_upload_queue_depth", "Copies waiting in the replication queue", value=self.queue_depth
+        )
+
+
+def exposition(state: Collector) -> bytes:
+    """Every series, aggregated over the workers when there are several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        series = generate_latest(registry)
+    else:
+        series = generate_latest(REGISTRY)
+    shared = CollectorRegistry(auto_describe=False)
+    shared.register(state)
+    return series + generate_latest(shared)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    disks = [tier for tier in service.store.tiers if isinstance(tier, DiskTier)]
+    state = _SharedState(
+        # describe() runs SQLite queries, and the multiprocess files are read from disk: not on the loop
+        await asyncio.to_thread(lambda: [(d.name, d.cache.volume(), d.size_limit, len(d.cache)) for d in disks]),
+        await service.queue.depth(),
+    )
+    body = await asyncio.to_thread(exposition, state)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

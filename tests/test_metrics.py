@@ -1,0 +1,99 @@
+"""/metrics: Prometheus text that prometheus-client's own parser reads, with series that move
+as requests are made. Counters are process-wide, so tests compare before and after."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.server.keys import STORE
+from tests.conftest import ProxyFactory, Upstream, make_blob
+
+UpstreamFactory = Callable[..., Awaitable[Upstream]]
+Client = TestClient[web.Request, web.Application]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(proxy: Client) -> Samples:
+    response = await proxy.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def slow_origin(request: web.Request, up: Upstream) -> web.StreamResponse:
+    await asyncio.sleep(0.2)  # long enough for concurrent requests to find the fill in flight
+    data = up.blobs.get(request.match_info["hash"])
+    if data is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=data)
+
+
+async def test_metrics_parse_and_move_with_requests(
+    make_proxy: ProxyFactory, upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    up = await upstream(slow_origin)
+    data, digest = make_blob(100_000)
+    up.blobs[digest] = data
+    proxy = await make_proxy(
+        [
+            {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
+            {"name": "origin", "kind": "http", "url": up.url},
+        ]
+    )
+    before = await scrape(proxy)
+
+    responses = await asyncio.gather(*(proxy.get(f"/sha1/{digest}") for _ in range(5)))
+    assert [r.status for r in responses] == [200] * 5
+    await proxy.server.app[STORE].wait_idle()  # the copy is in the disk cache
+    assert (await proxy.get(f"/sha1/{digest}")).status == 200  # a hit now
+    absent = make_blob(10)[1]
+    assert (await proxy.get(f"/sha1/{absent}")).status == 404
+    assert (await proxy.get(f"/sha1/{absent}")).status == 404  # remembered
+    assert (await proxy.get("/sha1/not-a-digest")).status == 400
+    after = await scrape(proxy)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    route = "/sha1/{hash}"
+    assert moved("casproxy_http_requests_total", route=route, method="GET", status="200") == 6
+    assert moved("casproxy_http_requests_total", route=route, method="GET", status="404") == 2
+    assert moved("casproxy_http_requests_total", route=route, method="GET", status="400") == 1
+    assert moved("casproxy_http_request_duration_seconds_count", route=route, method="GET") == 9
+    assert moved("casproxy_tier_lookups_total", tier="origin", result="hit") == 1  # one fetch for 5 GETs
+    assert moved("casproxy_tier_lookups_total", tier="origin", result="miss") == 1  # the absent one
+    assert moved("casproxy_tier_lookups_total", tier="disk", result="hit") == 1
+    assert moved("casproxy_tier_bytes_total", tier="origin") == len(data)
+    assert moved("casproxy_coalesced_waits_total", scope="process") == 4
+    assert moved("casproxy_negative_cache_hits_total") == 1
+    assert moved("casproxy_cache_writes_total", tier="disk", result="ok") == 1
+    assert value(after, "casproxy_disk_cache_entries", tier="disk") == 1
+    assert value(after, "casproxy_disk_cache_bytes", tier="disk") >= len(data)  # + the SQLite file
+    assert value(after, "casproxy_upload_queue_depth") == 0
+
+
+async def test_breaker_state_is_a_series(make_proxy: ProxyFactory, upstream: UpstreamFactory, tmp_path: Path) -> None:
+    async def broken(request: web.Request, up: Upstream) -> web.StreamResponse:
+        raise web.HTTPInternalServerError()
+
+    up = await upstream(broken)
+    proxy = await make_proxy([{"name": "flaky", "kind": "http", "url": up.url}])
+    for seed in range(5):  # the default threshold
+        assert (await proxy.get(f"/sha1/{make_blob(10, seed=1000 + seed)[1]}")).status == 502
+    samples = await scrape(proxy)
+    assert value(samples, "casproxy_breaker_open", tier="flaky") == 1
+    assert value(samples, "casproxy_tier_lookups_total", tier="flaky", result="error") >= 5
