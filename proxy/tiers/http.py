@@ -1,7 +1,10 @@
 """An HTTP upstream: another casproxy, a CDN, any server that answers GET by digest.
 
 The URL is a template (``{hash}``, ``{algorithm}``). Its bytes are verified like any tier's;
-nothing it says about itself (X-Cache, ETag) is trusted.
+nothing it says about itself (X-Cache, ETag) is trusted. ``token`` is sent as a bearer token
+(a casproxy with ``auth.require_ticket`` accepts its upload or admin tokens) and is masked by
+check-config; ``headers`` are sent as given and shown by it, so secrets belong in ``token``.
+Neither appears in logs, error details or /stats.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class HttpTier(Tier):
         name: str = "http",
         role: Role = "source",
         headers: dict[str, str] | None = None,
+        token: str = "",
         max_connections: int = 64,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
@@ -36,7 +40,9 @@ class HttpTier(Tier):
         self.role = role
         self.timeout = timeout
         self.url = url
-        self._headers = headers or {}
+        self._headers = dict(headers or {})
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
         self._limit = max_connections
         self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -66,7 +72,7 @@ class HttpTier(Tier):
         try:
             response = await self.session.get(self._url(digest))
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise TierError(f"{self.name}: {error!r}") from error
+            raise _failed(self.name, error) from error
         if response.status in _ABSENT:
             response.release()
             return None
@@ -81,7 +87,7 @@ class HttpTier(Tier):
                 async for chunk in response.content.iter_chunked(CHUNK_SIZE):
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as error:
-                raise TierError(f"{self.name}: {error!r}") from error
+                raise _failed(self.name, error) from error
 
         async def close() -> None:
             response.release()
@@ -97,7 +103,23 @@ class HttpTier(Tier):
                     raise TierError(f"{self.name}: upstream answered {response.status}")
                 return Stat(response.content_length)
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise TierError(f"{self.name}: {error!r}") from error
+            raise _failed(self.name, error) from error
 
     def describe(self) -> dict[str, object]:
-        return {"url": self.url}
+        return {"url": _without_credentials(self.url)}
+
+
+def _failed(name: str, error: Exception) -> TierError:
+    # str(), never repr(): aiohttp's repr of a response error includes the request's headers,
+    # and with them the bearer token.
+    text = str(error)
+    return TierError(f"{name}: {type(error).__name__}" + (f": {text}" if text else ""))
+
+
+def _without_credentials(url: str) -> str:
+    """The URL as /stats may show it: no user:password@."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    return url
