@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 import aiohttp
 
@@ -265,52 +265,12 @@ def _human(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-def setup_logging(config: Config) -> None:
-    fmt = "%(message)s" if config.server.log_format == "json" else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
-
-
 def serve(config: Config) -> int:
-    from aiohttp import web
-
     from proxy.access import check_exposure
-    from proxy.server.accesslog import AccessLogger, JsonAccessLogger
-    from proxy.server.app import create_app
+    from proxy.server.workers import serve as run
 
-    setup_logging(config)
     check_exposure(config)
-    if config.server.workers > 1:
-        raise ConfigError("server.workers > 1 is not supported yet; run one process per port")
-    app = create_app(config)
-    logger: Any = JsonAccessLogger if config.server.log_format == "json" else AccessLogger
-    log.info(
-        "casproxy %s serving on http://%s:%d (config: %s)",
-        __version__,
-        config.server.host,
-        config.server.port,
-        config.source,
-    )
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        access_log_class=logger,
-        access_log=logging.getLogger("casproxy.access") if config.server.access_log else None,
-        print=None,
-        handle_signals=True,
-        loop=new_event_loop(config.server.event_loop),
-    )
-    return 0
-
-
-def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    if kind == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            raise ConfigError("server.event_loop = 'uvloop' but uvloop is not installed") from None
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    return run(config)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,6 @@ complete, correct bytes fetched afresh."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Upstream, free_port, make_blob, write_config
+from tests.processes import ProxyProcess, wait_until
 
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
 REPO = Path(__file__).resolve().parent.parent
@@ -25,68 +22,10 @@ SIZE = 64 << 20
 CHUNK = 1 << 20
 
 
-class ProxyProcess:
-    """``python -m proxy serve -c CONFIG`` as a child process, logging to a file."""
-
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config = config
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
-        env["PYTHONPATH"] = str(REPO)
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "-c", str(self.config)],
-                cwd=self.config.parent,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def wait_healthy(self, session: aiohttp.ClientSession, limit: float) -> float:
-        """Seconds until /healthz answers 200; fails if the process dies or it takes too long."""
-        assert self.process is not None
-        began = time.monotonic()
-        while True:
-            assert self.process.poll() is None, f"proxy exited:\n{self.log.read_text()}"
-            try:
-                async with session.get(f"{self.url}/healthz") as response:
-                    if response.status == 200:
-                        return time.monotonic() - began
-            except aiohttp.ClientConnectionError:
-                pass
-            assert time.monotonic() - began < limit, f"no /healthz within {limit}s:\n{self.log.read_text()}"
-            await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield session
-
-
-async def wait_until(condition: Callable[[], bool], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 async def test_kill_9_mid_fill_then_restart(
@@ -116,6 +55,7 @@ async def test_kill_9_mid_fill_then_restart(
 
     def spool_files() -> list[Path]:
         return list(spool.glob("*/spool-*"))
+
     port = free_port()
     config = write_config(
         tmp_path / "config.toml",

@@ -1,5 +1,5 @@
-"""One line per request, as text or JSON. Query strings are never logged: they carry ticket
-signatures; nor are request headers, which carry tokens."""
+"""One line per request, as text or JSON (with every other log line JSON too). Query strings are
+never logged: they carry ticket signatures; nor are request headers, which carry tokens."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class AccessLogger(AbstractAccessLogger):
             "tier": response.headers.get("X-Cache-Tier", "-"),
         }
         if self.json_format:
-            self.logger.info(json.dumps(fields))
+            self.logger.info("request", extra={"request": fields})
         else:
             self.logger.info("%(remote)s %(method)s %(path)s %(status)s %(bytes)s %(ms)sms %(cache)s %(tier)s", fields)
 
@@ -36,3 +36,23 @@ class AccessLogger(AbstractAccessLogger):
 
 class JsonAccessLogger(AccessLogger):
     json_format = True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors; an access line carries its fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+        }
+        fields = getattr(record, "request", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        else:
+            line["message"] = record.getMessage()
+            if record.exc_info:
+                line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)

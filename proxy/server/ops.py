@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from aiohttp import web
 
@@ -39,4 +40,6 @@ async def stats(request: web.Request) -> web.Response:
         "replicated": queue.replicated,
         "replication_failures": queue.failures,
     }
-    return web.json_response({**service.store.snapshot(), "uploads": uploads})
+    # Counters are this worker's own; /metrics aggregates every worker.
+    process = {"pid": os.getpid(), "workers": service.config.server.workers}
+    return web.json_response({**service.store.snapshot(), "uploads": uploads, "process": process})

@@ -10,7 +10,6 @@ import io
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlparse
 
 import boto3
 import botocore.config
@@ -19,22 +18,12 @@ from boto3.s3.transfer import TransferConfig
 
 from proxy.digest import Digest
 from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, object_key
-from proxy.errors import ConfigError, TierError
+from proxy.errors import TierError
 from proxy.tier import CHUNK_SIZE, Blob, Payload, Role, Stat, StreamBlob, Tier
+from proxy.tiers.bucket import SIZE_METADATA as SIZE_METADATA  # re-exported: older imports name it here
+from proxy.tiers.bucket import parse_bucket_url as parse_bucket_url
 
-SIZE_METADATA = "casproxy-size"  # decoded size, so HEAD knows it even for encoded objects
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
-
-
-def parse_bucket_url(url: str, scheme: str) -> tuple[str, str]:
-    """``s3://bucket/prefix/`` -> (bucket, "prefix/")."""
-    parsed = urlparse(url)
-    if parsed.scheme != scheme or not parsed.netloc:
-        raise ConfigError(f"{url!r} is not a {scheme}://bucket/prefix/ URL")
-    prefix = parsed.path.lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return parsed.netloc, prefix
 
 
 class S3Tier(Tier):

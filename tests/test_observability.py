@@ -1,18 +1,25 @@
 """/metrics: Prometheus text that prometheus-client's own parser reads, with series that move
-as requests are made. Counters are process-wide, so tests compare before and after."""
+as requests are made (counters are process-wide, so tests compare before and after); the
+access log."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import load_config
+from proxy.server.accesslog import JsonAccessLogger, JsonFormatter
+from proxy.server.app import create_app
 from proxy.server.keys import STORE
-from tests.conftest import ProxyFactory, Upstream, make_blob
+from tests.conftest import ProxyFactory, Upstream, make_blob, write_config
 
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
 Client = TestClient[web.Request, web.Application]
@@ -97,3 +104,37 @@ async def test_breaker_state_is_a_series(make_proxy: ProxyFactory, upstream: Ups
     samples = await scrape(proxy)
     assert value(samples, "casproxy_breaker_open", tier="flaky") == 1
     assert value(samples, "casproxy_tier_lookups_total", tier="flaky", result="error") >= 5
+
+
+async def test_json_access_log_has_one_line_per_request_and_no_secrets(tmp_path: Path) -> None:
+    token, signature = "upload-token-never-logged", "signature-never-logged"
+    config = load_config(
+        str(write_config(tmp_path / "config.toml", [{"name": "disk", "kind": "disk", "path": str(tmp_path / "c")}])),
+        environ={},
+        overrides={"server": {"log_format": "json"}, "auth": {"upload_tokens": [token]}},
+    )
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("test.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    server = TestServer(create_app(config))
+    await server.start_server(access_log_class=JsonAccessLogger, access_log=access)
+    try:
+        async with TestClient(server) as client:
+            data, digest = make_blob(1000)
+            put = await client.put(f"/sha1/{digest}", data=data, headers={"Authorization": f"Bearer {token}"})
+            assert put.status == 201
+            got = await client.get(f"/sha1/{digest}?expires=1&signature={signature}")
+            assert got.status == 200
+    finally:
+        access.removeHandler(handler)
+    text = stream.getvalue()
+    assert token not in text and signature not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("PUT", f"/sha1/{digest}", 201),
+        ("GET", f"/sha1/{digest}", 200),
+    ]
+    assert lines[1]["tier"] == "disk" and lines[1]["bytes"] >= 1000 and lines[1]["pid"] > 0

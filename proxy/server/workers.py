@@ -1,0 +1,205 @@
+"""Running the server: one process, or ``server.workers = N`` processes on one port.
+
+Each worker is a whole server (its own event loop, tiers, memory hot cache) bound with
+SO_REUSEPORT, so the kernel spreads connections over them. They share what is on disk: the disk
+cache, its fill locks (proxy.interlock: one upstream fetch per hash for all of them), the
+replication queue, and prometheus-client's multiprocess files, so any worker's /metrics reports
+them all. The parent only starts the workers, restarts one that dies, and stops them on SIGTERM
+or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from proxy import __version__
+from proxy.config import Config
+from proxy.errors import ConfigError
+
+log = logging.getLogger("casproxy")
+CONFIG_ERROR_EXIT = 2  # a worker that cannot start for a config reason: restarting will not help
+_RESTART_DELAY_MAX = 30.0  # seconds between restarts of a worker that keeps dying at once
+_STOP_GRACE = 30.0  # seconds workers get to finish their requests after SIGTERM
+
+
+def setup_logging(config: Config) -> None:
+    from proxy.server.accesslog import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    if config.server.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    elif config.server.workers > 1:  # say which worker said it
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError("server.event_loop = 'uvloop' but uvloop is not installed") from None
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_server(config: Config, reuse_port: bool = False) -> None:
+    """Serve in this process until SIGTERM or SIGINT."""
+    from aiohttp import web
+
+    from proxy.server.accesslog import AccessLogger, JsonAccessLogger
+    from proxy.server.app import create_app
+
+    logger: Any = JsonAccessLogger if config.server.log_format == "json" else AccessLogger
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        reuse_port=reuse_port or None,
+        access_log_class=logger,
+        access_log=logging.getLogger("casproxy.access") if config.server.access_log else None,
+        print=None,
+        handle_signals=True,
+        loop=new_event_loop(config.server.event_loop),
+    )
+
+
+def serve(config: Config) -> int:
+    setup_logging(config)
+    where = f"http://{config.server.host}:{config.server.port}"
+    if config.server.workers <= 1:
+        log.info("casproxy %s serving on %s (config: %s)", __version__, where, config.source)
+        run_server(config)
+        return 0
+    log.info(
+        "casproxy %s serving on %s with %d workers (config: %s)",
+        __version__,
+        where,
+        config.server.workers,
+        config.source,
+    )
+    return Supervisor(config).run()
+
+
+def _worker_main(config: Config, index: int) -> None:
+    setup_logging(config)
+    logging.getLogger("casproxy").info("worker %d (pid %d) starting", index, os.getpid())
+    try:
+        run_server(config, reuse_port=True)
+    except ConfigError as error:
+        print(f"casproxy: config error: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
+    except OSError as error:  # e.g. the port is taken by a process that is not ours
+        print(f"casproxy: worker {index}: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.workers: dict[int, BaseProcess] = {}
+        self.restarts: dict[int, float] = {}  # index -> delay before its next restart
+        self.stopping = False
+        # spawn, not fork: a worker starts with a fresh interpreter, no threads or loops
+        # inherited from the parent, and imports prometheus-client with the variable below set.
+        self._context = multiprocessing.get_context("spawn")
+        self.metrics_dir = tempfile.mkdtemp(prefix="casproxy-metrics-")
+
+    def run(self) -> int:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        try:
+            self._check_port()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._stop)
+            for index in range(self.config.server.workers):
+                self._start(index)
+            return self._watch()
+        finally:
+            self._stop_all()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _check_port(self) -> None:
+        """Fail at once, in one line, if the port is taken (workers would each fail alone)."""
+        with socket.socket(socket.AF_INET6 if ":" in self.config.server.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind((self.config.server.host, self.config.server.port))
+            except OSError as error:
+                raise OSError(f"cannot bind {self.config.server.host}:{self.config.server.port}: {error}") from None
+
+    def _start(self, index: int) -> None:
+        process = self._context.Process(target=_worker_main, args=(self.config, index), name=f"casproxy-worker-{index}")
+        process.start()
+        self.workers[index] = process
+
+    def _watch(self) -> int:
+        started = {index: time.monotonic() for index in self.workers}
+        while not self.stopping:
+            sentinels = {process.sentinel: index for index, process in self.workers.items()}
+            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=1.0):
+                index = sentinels[sentinel]  # type: ignore[index]
+                process = self.workers[index]
+                process.join()
+                self._forget(process)
+                if self.stopping:
+                    break
+                if process.exitcode == CONFIG_ERROR_EXIT:
+                    log.error("worker %d could not start (see above); stopping", index)
+                    return CONFIG_ERROR_EXIT
+                # A worker that dies soon after starting is restarted ever more slowly.
+                quick = time.monotonic() - started[index] < 10
+                delay = min(_RESTART_DELAY_MAX, self.restarts.get(index, 0.5) * 2) if quick else 0.5
+                self.restarts[index] = delay
+                log.error(
+                    "worker %d (pid %s) exited with %s; restarting in %.1fs",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                    delay,
+                )
+                self._sleep(delay)
+                if not self.stopping:
+                    self._start(index)
+                    started[index] = time.monotonic()
+        return 0
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _stop_all(self) -> None:
+        for process in self.workers.values():
+            if process.is_alive():
+                process.terminate()  # SIGTERM: aiohttp finishes the requests in flight
+        deadline = time.monotonic() + _STOP_GRACE
+        for process in self.workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+            self._forget(process)
+
+    def _forget(self, process: BaseProcess) -> None:
+        """Drop a dead worker's live gauges (breaker state) from the aggregate."""
+        if process.pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
