@@ -16,7 +16,7 @@ from proxy.errors import (
     UpstreamFailed,
 )
 from proxy.tier import Blob, Stat, Tier
-from proxy.tiers import APIOrigin, DiskTier, FsTier, HttpTier, S3Tier
+from proxy.tiers import APIOrigin, DiskTier, FsTier, GcsTier, HttpTier, S3Tier
 
 __all__ = [
     "APIOrigin",
@@ -28,6 +28,7 @@ __all__ = [
     "DigestMismatch",
     "DiskTier",
     "FsTier",
+    "GcsTier",
     "HttpTier",
     "NotFound",
     "ProxyError",

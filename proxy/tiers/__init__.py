@@ -12,6 +12,7 @@ from proxy.tier import Tier
 from proxy.tiers.api import APIOrigin, ApiTier, load_origin
 from proxy.tiers.disk import DiskTier
 from proxy.tiers.fs import FsTier
+from proxy.tiers.gcs import GcsTier
 from proxy.tiers.http import HttpTier
 from proxy.tiers.s3 import S3Tier
 
@@ -19,7 +20,7 @@ if typing.TYPE_CHECKING:
     from proxy.config import TierConfig
 
 # kind -> the class whose constructor's keyword arguments are the kind's config keys
-KINDS: dict[str, type[Tier]] = {"disk": DiskTier, "fs": FsTier, "s3": S3Tier, "http": HttpTier}
+KINDS: dict[str, type[Tier]] = {"disk": DiskTier, "fs": FsTier, "s3": S3Tier, "gcs": GcsTier, "http": HttpTier}
 _API_KEYS = {"class", "options", "timeout"}
 _COMMON = {"name", "role"}
 
@@ -85,4 +86,15 @@ def build_tier(config: TierConfig, source: str = "config") -> Tier:
     return cls(name=config.name, role=config.role, **options)
 
 
-__all__ = ["APIOrigin", "ApiTier", "DiskTier", "FsTier", "HttpTier", "KINDS", "S3Tier", "build_tier", "check_options"]
+__all__ = [
+    "APIOrigin",
+    "ApiTier",
+    "DiskTier",
+    "FsTier",
+    "GcsTier",
+    "HttpTier",
+    "KINDS",
+    "S3Tier",
+    "build_tier",
+    "check_options",
+]
