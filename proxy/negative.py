@@ -1,34 +1,51 @@
 """Remembers "found nowhere" for a while, in memory or in Redis shared by many instances.
 
 A negative cache is an optimisation only: when its backend fails or is slow, lookups carry on
-as if it were empty.
+as if it were empty. After a failure the backend is left alone for a few seconds (then one call
+probes it), so a dead Redis costs one short timeout now and then, not one per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 from aiocache import Cache
 from aiocache.serializers import StringSerializer
 
+from proxy.breaker import Breaker
+from proxy.errors import ConfigError
+
 log = logging.getLogger(__name__)
-_NAMESPACE = "casproxy:absent:"
+_NAMESPACE = "casproxy:absent"  # Redis keys: casproxy:absent:<digest>
 _BACKEND_TIMEOUT = 0.25  # seconds: far below any upstream round trip, so a sick Redis costs little
+_BACKEND_RETRY = 2.0  # seconds to leave a failed backend alone before one call tries it again
+_MAX_UNSENT = 10_000  # clears kept for resending; past that, entries expire by their TTL
 
 
 class NegativeCache:
     def __init__(self, url: str = "memory://", ttl: float = 30.0) -> None:
-        self.url = url
-        self.ttl = ttl
+        self.url = _without_password(url)  # shown in /stats and logs
+        # Always a float: aiocache then sets Redis keys with PSETEX; an int picks SETEX, which
+        # redis-py (5+) reports as deprecated on every call.
+        self.ttl = float(ttl)
         self.hits = 0
         self.failures = 0
+        self._backend = Breaker(threshold=1, cooldown=_BACKEND_RETRY)
+        # Clears that could not reach the backend, sent again once it answers: an upload must
+        # not stay "found nowhere" for other instances because Redis blinked.
+        self._unsent_discards: set[str] = set()
+        self._resender: asyncio.Task[None] | None = None
         self._cache: Any = None
-        if ttl > 0:
+        if self.ttl > 0:
+            try:
+                self._cache = Cache.from_url(url)
+            except Exception as error:  # noqa: BLE001 - aiocache raises several kinds for a bad URL
+                raise ConfigError(f"negative_cache.url: cannot use {self.url!r}: {error}") from None
             # Strings only: the default serializers of some backends pickle.
-            self._cache = Cache.from_url(url)
             self._cache.serializer = StringSerializer()
             self._cache.namespace = _NAMESPACE
 
@@ -36,28 +53,89 @@ class NegativeCache:
     def shared(self) -> bool:
         return urlparse(self.url).scheme != "memory"
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self._cache is None:
-            return None
+    @property
+    def available(self) -> bool:
+        """False while the backend is left alone after a failure."""
+        return self._backend.state == "closed"
+
+    async def _call(self, method: str, *args: Any, force: bool = False, **kwargs: Any) -> Any:
+        """The backend's answer; raises _Unavailable if it failed or is being left alone (unless
+        ``force``: clears are worth a short wait)."""
+        if self._cache is None or not (self._backend.allow() or force):
+            raise _Unavailable
         try:
-            return await asyncio.wait_for(getattr(self._cache, method)(*args, **kwargs), _BACKEND_TIMEOUT)
-        except Exception as error:  # noqa: BLE001 - any backend failure degrades to "no entry"
+            answer = await asyncio.wait_for(getattr(self._cache, method)(*args, **kwargs), _BACKEND_TIMEOUT)
+        except Exception as error:  # any backend failure degrades to "no entry"
             self.failures += 1
-            if self.failures == 1 or self.failures % 1000 == 0:
-                log.warning("negative cache %s unavailable (%d failures): %r", self.url, self.failures, error)
-            return None
+            if self._backend.opened_at is None:  # log the start of an outage, not every probe
+                log.warning("negative cache %s unavailable, working without it: %r", self.url, error)
+            self._backend.failed()
+            raise _Unavailable from error
+        if self._backend.opened_at is not None:
+            log.warning("negative cache %s is back", self.url)
+        self._backend.succeeded()
+        return answer
+
+    async def _resend_discards(self) -> None:
+        """Keep trying the clears that failed, until they all reach the backend: another
+        instance may answer "found nowhere" from the entry until they do."""
+        while self._unsent_discards:
+            await asyncio.sleep(_BACKEND_RETRY)
+            pending, self._unsent_discards = list(self._unsent_discards), set()
+            for index, digest in enumerate(pending):
+                try:
+                    await asyncio.wait_for(self._cache.delete(digest), _BACKEND_TIMEOUT)
+                except Exception:  # noqa: BLE001 - still down: keep the rest for the next round
+                    self._unsent_discards.update(pending[index:])
+                    break
+        self._resender = None
 
     async def contains(self, digest: str) -> bool:
-        found = await self._call("exists", digest) is True
+        try:
+            found = await self._call("exists", digest) is True
+        except _Unavailable:
+            return False
         self.hits += found
         return found
 
     async def add(self, digest: str) -> None:
-        await self._call("set", digest, "1", ttl=self.ttl)
+        with contextlib.suppress(_Unavailable):
+            await self._call("set", digest, "1", ttl=self.ttl)
 
     async def discard(self, digest: str) -> None:
-        await self._call("delete", digest)
+        """Forget ``digest`` at once; tried even while the backend is being left alone."""
+        if self._cache is None:
+            return
+        try:
+            await self._call("delete", digest, force=True)
+        except _Unavailable:
+            if len(self._unsent_discards) < _MAX_UNSENT:
+                self._unsent_discards.add(digest)
+            if self._resender is None:
+                self._resender = asyncio.get_running_loop().create_task(self._resend_discards())
 
     async def close(self) -> None:
-        if self._cache is not None:
-            await self._call("close")
+        if self._cache is None:
+            return
+        if self._resender is not None:  # clears still owed expire with their entries' TTL
+            self._resender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resender
+        # aiocache 0.12 closes redis-py's client with close(), deprecated since redis 5.0.1.
+        client: Any = getattr(self._cache, "client", None)
+        closing = client.aclose() if hasattr(client, "aclose") else self._cache.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(closing, _BACKEND_TIMEOUT)
+
+
+class _Unavailable(Exception):
+    """The backend failed, or is being left alone after a failure."""
+
+
+def _without_password(url: str) -> str:
+    parts = urlparse(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunparse(parts._replace(netloc=netloc))

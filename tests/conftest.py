@@ -10,7 +10,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -20,6 +20,9 @@ from moto.server import ThreadedMotoServer
 
 from proxy.config import Config, load_config
 from proxy.server.app import create_app
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
 
 _counter = itertools.count()
 
@@ -193,3 +196,12 @@ async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     yield factory
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free port; see tests/redis_server.py."""
+    from tests.redis_server import running_redis  # it imports this module
+
+    with running_redis(tmp_path / "redis") as server:
+        yield server

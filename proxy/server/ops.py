@@ -16,19 +16,30 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when every cache tier can be written and no breaker is open."""
+    """Ready when every cache tier can be written and none has its breaker open; the body
+    shows every tier's breaker either way.
+
+    An open breaker on a source tier does not make this instance unready: instances share
+    their sources, so taking this one out of rotation would not help, and with all of them out
+    the hits their caches could serve would be lost too. A cache tier's breaker counts only
+    while open, not half-open: an instance taken out of rotation gets no request to probe with.
+    """
     store = request.app[STORE]
     tiers: dict[str, dict[str, object]] = {}
     ready = True
     for tier in store.tiers:
-        state: dict[str, object] = {"role": tier.role, "breaker": store.breakers[tier.name].state}
+        breaker = store.breakers[tier.name]
+        state: dict[str, object] = {"role": tier.role, "breaker": breaker.state, "failures": breaker.failures}
+        if breaker.state != "closed":
+            state["retry_in"] = round(breaker.retry_in, 3)
         if isinstance(tier, DiskTier):
             state["writable"] = await asyncio.to_thread(tier.writable)
             ready &= bool(state["writable"])
-        if state["breaker"] == "open":
-            ready = ready and tier.role != "cache"
+        if tier.role == "cache" and breaker.state == "open":
+            ready = False
         tiers[tier.name] = state
-    return web.json_response({"ready": ready, "tiers": tiers}, status=200 if ready else 503)
+    negative = {"url": store.negative.url, "available": store.negative.available}  # informative only
+    return web.json_response({"ready": ready, "tiers": tiers, "negative_cache": negative}, status=200 if ready else 503)
 
 
 async def stats(request: web.Request) -> web.Response:
