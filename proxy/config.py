@@ -59,6 +59,15 @@ class NegativeCacheConfig:
 
 
 @dataclass(frozen=True)
+class BreakerConfig:
+    """Per-tier circuit breakers: after ``threshold`` failures in a row a tier is skipped for
+    ``cooldown``, then one request probes it."""
+
+    threshold: int = 5
+    cooldown: Duration = 30.0
+
+
+@dataclass(frozen=True)
 class UploadsConfig:
     targets: tuple[str, ...] = ()  # default: the first writable source tier
     bulk_data_tier: str = ""
@@ -81,6 +90,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     negative_cache: NegativeCacheConfig = NegativeCacheConfig()
+    breaker: BreakerConfig = BreakerConfig()
     uploads: UploadsConfig = UploadsConfig()
     tiers: tuple[TierConfig, ...] = ()
     source: str = "built-in defaults"
@@ -218,6 +228,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"uploads.bulk_data_tier: {bulk!r} is not an s3 tier (in {config.source})")
     if config.server.workers < 1:
         raise ConfigError(f"server.workers: must be at least 1 (in {config.source})")
+    if config.breaker.threshold < 1:
+        raise ConfigError(f"breaker.threshold: must be at least 1 (in {config.source})")
 
 
 # -- typed conversion ----------------------------------------------------------------------

@@ -43,6 +43,8 @@ def build_store(config: Config) -> Composite:
         [build_tier(tier, config.source) for tier in config.tiers],
         negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl),
         spool_memory=config.server.spool_memory,
+        breaker_threshold=config.breaker.threshold,
+        breaker_cooldown=config.breaker.cooldown,
     )
 
 
