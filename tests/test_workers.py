@@ -56,13 +56,15 @@ def fresh_connections() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
 
 
-async def worker_pids(session: aiohttp.ClientSession, url: str, want: int = 2, tries: int = 200) -> set[int]:
+async def worker_pids(session: aiohttp.ClientSession, url: str, want: int = 2, tries: int = 300) -> set[int]:
+    """The workers answering, asked until ``want`` are seen (one may still be starting)."""
     pids: set[int] = set()
     for _ in range(tries):
         async with session.get(f"{url}/stats") as response:
             pids.add((await response.json())["process"]["pid"])
         if len(pids) >= want:
             break
+        await asyncio.sleep(0.05)
     return pids
 
 
