@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import typing
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, BinaryIO
@@ -24,7 +25,7 @@ from urllib.parse import quote
 import aiohttp
 
 from proxy.digest import Digest
-from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, encode_bytes, object_key
+from proxy.encoding import Encoding, Layout, decode_stream, encode_bytes, encoder, object_key
 from proxy.errors import ConfigError, TierError
 from proxy.tier import CHUNK_SIZE, Blob, Payload, Role, Stat, StreamBlob, Tier
 from proxy.tiers.bucket import SIZE_METADATA, parse_bucket_url
@@ -93,6 +94,11 @@ class GcsTier(Tier):
         session: Any = self._session
 
         def make() -> Storage:  # reads the credentials file: not on the event loop
+            if self.service_file:
+                # The library takes an unreadable file for "no file" and asks the GCE metadata
+                # server instead: a broken file must be a config error, not a silent fallback.
+                with open(self.service_file, encoding="utf-8") as file:
+                    json.load(file)
             return Storage(
                 session=session,
                 service_file=self.service_file,
@@ -137,7 +143,7 @@ class GcsTier(Tier):
         try:
             token = await self.storage.token.get()
         except Exception as error:  # the library raises whatever its token source raised
-            raise TierError(f"{self.name}: no access token: {error!r}") from error
+            raise TierError(f"{self.name}: no access token: {_say(error)}") from error
         return {"Authorization": f"Bearer {token}"}
 
     # -- the protocol --------------------------------------------------------------------
@@ -149,7 +155,7 @@ class GcsTier(Tier):
                 self._object_url(self.key(digest)), params={"alt": "media"}, headers=headers, auto_decompress=False
             )
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise TierError(f"{self.name}: {error!r}") from error
+            raise TierError(f"{self.name}: {_say(error)}") from error
         if response.status == 404:
             response.release()
             return None
@@ -192,7 +198,7 @@ class GcsTier(Tier):
             async for chunk in response.content.iter_chunked(CHUNK_SIZE):
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise TierError(f"{self.name}: {error!r}") from error
+            raise TierError(f"{self.name}: {_say(error)}") from error
 
     async def stat(self, digest: Digest) -> Stat | None:
         try:
@@ -226,7 +232,7 @@ class GcsTier(Tier):
         try:
             await self._upload_resumable(key, payload)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            raise TierError(f"{self.name}: upload of {key} failed: {error!r}") from error
+            raise TierError(f"{self.name}: upload of {key} failed: {_say(error)}") from error
 
     def _small_body(self, payload: Payload) -> bytes:
         data = payload.data
@@ -245,13 +251,13 @@ class GcsTier(Tier):
         uri = await self._begin_upload(key, payload.size)
         source: BinaryIO = await loop.run_in_executor(None, _open_payload, payload)
         try:
-            reader = EncodingReader(source, self.encoding)
+            reader = _Pieces(source, self.encoding, UPLOAD_CHUNK)
             offset = 0
-            piece = await loop.run_in_executor(None, reader.read, UPLOAD_CHUNK)
+            piece = await loop.run_in_executor(None, reader.read)
             while True:
                 # Read the next piece while this one is on the wire. A short piece is the last one;
                 # a full one at the very end is followed by an empty PUT that names the total.
-                following = loop.run_in_executor(None, reader.read, UPLOAD_CHUNK)
+                following = loop.run_in_executor(None, reader.read)
                 last = len(piece) < UPLOAD_CHUNK
                 try:
                     await self._send_piece(uri, piece, offset, last)
@@ -275,7 +281,7 @@ class GcsTier(Tier):
                 raise TierError(f"{self.name}: could not start an upload: {response.status} {text}")
             return response.headers["Location"]
 
-    async def _send_piece(self, uri: str, piece: bytes, offset: int, last: bool) -> None:
+    async def _send_piece(self, uri: str, piece: bytes | bytearray, offset: int, last: bool) -> None:
         """PUT bytes [offset, offset+len(piece)) of the upload; GCS may keep fewer than it was
         sent (its 308 says how many), and a failed PUT resumes from what it kept."""
         end = offset + len(piece)
@@ -297,7 +303,7 @@ class GcsTier(Tier):
                     status, persisted = response.status, _persisted(response.headers)
                     text = "" if status in (200, 201, 308) else await _error_text(response)
             except (aiohttp.ClientError, TimeoutError) as error:
-                status, persisted, text = 0, None, repr(error)
+                status, persisted, text = 0, None, _say(error)
             if status in (200, 201):
                 if last:
                     return
@@ -356,7 +362,46 @@ class GcsTier(Tier):
                 raise _Missing from error
             raise TierError(f"{self.name}: GCS answered {error.status}: {error.message[:300]}") from error
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise TierError(f"{self.name}: {error!r}") from error
+            raise TierError(f"{self.name}: {_say(error)}") from error
+
+
+class _Pieces:
+    """A payload's bytes, encoded as they are read, in pieces of exactly ``size`` bytes (the
+    last one shorter). Each piece is filled in place, so it costs its size once, not twice."""
+
+    def __init__(self, source: BinaryIO, encoding: Encoding, size: int) -> None:
+        self._source = source
+        self._comp = encoder(encoding)
+        self._size = size
+        self._carry = b""  # read (and encoded) but not yet in a piece
+        self._done = False
+
+    def read(self) -> bytearray:
+        piece = bytearray(self._size)
+        filled = 0
+        while filled < self._size:
+            if not self._carry:
+                if self._done:
+                    break
+                raw = self._source.read(CHUNK_SIZE)
+                self._done = not raw
+                if self._comp is None:
+                    self._carry = raw
+                else:
+                    self._carry = self._comp.compress(raw) if raw else self._comp.flush()
+                continue
+            take = min(len(self._carry), self._size - filled)
+            piece[filled : filled + take] = memoryview(self._carry)[:take]
+            self._carry = self._carry[take:]
+            filled += take
+        del piece[filled:]
+        return piece
+
+
+def _say(error: BaseException) -> str:
+    """An error for logs and 502 details: str(), never repr(), whose aiohttp form carries the
+    request's headers (the bearer token with them)."""
+    return str(error) or type(error).__name__
 
 
 def _open_payload(payload: Payload) -> BinaryIO:
