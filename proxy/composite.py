@@ -370,8 +370,10 @@ class Composite:
             self._count_miss(tier)
         return None
 
-    async def _ask(self, tier: Tier, call: Any, errors: list[str] | None = None) -> Any:
-        """Await one tier call under its timeout and breaker; failures become _Skipped."""
+    async def _ask(self, tier: Tier, call: Any, errors: list[str] | None = None, *, settled: bool = True) -> Any:
+        """Await one tier call under its timeout and breaker; failures become _Skipped.
+        ``settled=False``: the answer is only the start (a body follows), so it does not yet
+        count as a success for the breaker."""
         breaker = self.breakers[tier.name]
         if not breaker.allow():
             call.close()
@@ -384,7 +386,8 @@ class Composite:
         except (TierError, OSError, TimeoutError) as error:
             self._tier_failed(tier, error, errors)
             raise _Skipped from error
-        self._breaker_succeeded(tier)
+        if settled:
+            self._breaker_succeeded(tier)
         return answer
 
     def _tier_failed(self, tier: Tier, error: BaseException, errors: list[str] | None) -> None:
@@ -498,10 +501,12 @@ class Composite:
     async def _fetch_from(self, fill: Fill, tier: Tier, errors: list[str]) -> Spool | None:
         """Stream one tier's copy into a new spool; the spool if it verified, else None."""
         try:
-            blob = await self._ask(tier, tier.open(fill.digest), errors)
+            # A tier that sends headers and then corrupt or cut-off bodies must still trip.
+            blob = await self._ask(tier, tier.open(fill.digest), errors, settled=False)
         except _Skipped:
             return None
         if blob is None:
+            self._breaker_succeeded(tier)
             self._count_miss(tier)
             return None
         if fill.spool is not None:

@@ -41,6 +41,8 @@ class Sick:
             await self.release.wait()
         elif self.mode == "500":
             return web.Response(status=500, text="boom")
+        elif self.mode == "corrupt" and request.match_info["hash"] in up.blobs:
+            return web.Response(body=b"not the bytes you named " + up.blobs[request.match_info["hash"]])
         data = up.blobs.get(request.match_info["hash"])
         if data is None:
             raise web.HTTPNotFound()
@@ -237,3 +239,19 @@ def test_a_probe_that_never_reports_back_gives_up_its_turn(monkeypatch: pytest.M
     assert (breaker.state, breaker.failures, breaker.allow()) == ("closed", 0, True)
     with pytest.raises(ValueError, match="threshold"):
         Breaker(threshold=0)
+
+
+async def test_a_tier_that_answers_with_corrupt_bodies_trips_too(
+    make_proxy: ProxyFactory, upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    # The headers arrive fine; only the body is wrong. That must count as a failure, not a success.
+    client, _, sick_up, good = await setup(make_proxy, upstream, tmp_path, "corrupt")
+    for _ in range(THRESHOLD):
+        assert (await get(client, new_blob(sick_up, good)))[:2] == (200, "good")
+    state = await tier_state(client, "/readyz")
+    assert state["breaker"] == "open"
+    stats = (await (await client.get("/stats")).json())["tiers"]["sick"]
+    assert stats["corrupt"] == THRESHOLD
+    asked = len(sick_up.requests)
+    assert (await get(client, new_blob(sick_up, good)))[:2] == (200, "good")
+    assert len(sick_up.requests) == asked  # skipped while open
