@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -19,7 +20,7 @@ from proxy.units import Duration, Size, parse_duration
 
 ENV_PREFIX = "CASPROXY_"
 DEFAULT_PATH = "config.toml"
-SECRET_WORDS = ("token", "secret", "password", "access_key", "credential")
+SECRET_WORDS = ("token", "secret", "password", "access_key", "credential", "authorization", "api_key", "apikey")
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,9 @@ def convert(value: Any, annotation: Any) -> Any:
     raise ValueError(f"{value!r} is not a valid {annotation}")
 
 
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
 def redacted(config: Config) -> dict[str, Any]:
     """The resolved config as plain data with secrets masked (for check-config)."""
 
@@ -312,8 +316,10 @@ def redacted(config: Config) -> dict[str, Any]:
             return {k: scrub(v, k) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [scrub(v, key) for v in value]
-        if value and any(word in key.lower() for word in SECRET_WORDS) and isinstance(value, str):
+        if value and any(word in key.lower().replace("-", "_") for word in SECRET_WORDS) and isinstance(value, str):
             return "***"
+        if isinstance(value, str) and "://" in value:
+            return _URL_PASSWORD.sub(r"\1***@", value)  # redis://:password@host, https://user:pw@host
         return value
 
     data = dataclasses.asdict(config)

@@ -61,6 +61,25 @@ def test_env_references_resolve_secrets(tmp_path: Path) -> None:
         load_config(str(path), environ={"MY_SECRET": "x"})
 
 
+def test_check_config_masks_header_secrets_and_url_passwords(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "c.toml",
+        [
+            {
+                "name": "cdn",
+                "kind": "http",
+                "url": "https://user:urlpass@cdn.example/{hash}",
+                "headers": {"Authorization": "Bearer hdrsecret", "X-Api-Key": "keysecret"},
+            }
+        ],
+        negative_cache={"url": "redis://:redispass@127.0.0.1:6379/0"},
+    )
+    shown = json.dumps(redacted(load_config(str(path), environ={})))
+    for secret in ("urlpass", "hdrsecret", "keysecret", "redispass"):
+        assert secret not in shown
+    assert "cdn.example" in shown and "127.0.0.1:6379" in shown
+
+
 @pytest.mark.parametrize(
     ("sections", "tiers", "message"),
     [
