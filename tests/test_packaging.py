@@ -2,8 +2,8 @@
 configs shipped under deploy/ (each loads with casproxy's own loader and serves, the S3 ones against
 moto's S3 server), and the load test (a headless locust run against a live proxy).
 
-There is no Docker engine here: the image's build steps are checked by hand (see the report in
-deploy/README.md); these tests check everything that can be checked without one."""
+There is no Docker engine on the project's machines, so no image is built here: these tests check
+everything about the image that can be checked without one."""
 
 from __future__ import annotations
 
