@@ -624,6 +624,9 @@ async def test_upload_gives_up_on_a_hard_error(gcs_bucket: GcsBucket, tmp_path: 
             await tier.put(Digest(digest), FilePayload(str(path), len(data)))  # no such bucket
         with pytest.raises(TierError, match="gcs"):
             await tier.put(Digest(digest), Bytes(b"small"))
+        for size in (10, UPLOAD_CHUNK + 1):  # a spool file that vanished: a tier error, not an OSError
+            with pytest.raises(TierError, match="No such file"):
+                await tier.put(Digest(digest), FilePayload(str(tmp_path / "vanished"), size))
     finally:
         await tier.close()
 

@@ -163,8 +163,7 @@ class GcsTier(Tier):
             text = await _error_text(response)
             raise TierError(f"{self.name}: GCS answered {response.status}: {text}")
         layers = self._layers(response.headers)
-        raw = self._body(response)
-        chunks = raw
+        chunks = self._body(response)
         for layer in layers:
             chunks = decode_stream(chunks, layer)
         size = response.headers.get(f"X-Goog-Meta-{SIZE_METADATA}")
@@ -213,26 +212,29 @@ class GcsTier(Tier):
 
     async def put(self, digest: Digest, payload: Payload) -> None:
         key = self.key(digest)
-        if payload.size <= UPLOAD_CHUNK:
-            body = await asyncio.get_running_loop().run_in_executor(None, self._small_body, payload)
-            upload = self.storage.upload(
-                self.bucket,
-                key,
-                body,
-                content_type=_CONTENT_TYPE,
-                metadata={"metadata": {SIZE_METADATA: str(payload.size)}},
-                force_resumable_upload=False,
-                timeout=self._t(),
-            )
-            try:
-                await self._call(upload)
-            except _Missing:
-                raise TierError(f"{self.name}: bucket {self.bucket} not found") from None
-            return
         try:
-            await self._upload_resumable(key, payload)
+            if payload.size <= UPLOAD_CHUNK:
+                await self._upload_small(key, payload)
+            else:
+                await self._upload_resumable(key, payload)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             raise TierError(f"{self.name}: upload of {key} failed: {_say(error)}") from error
+
+    async def _upload_small(self, key: str, payload: Payload) -> None:
+        body = await asyncio.get_running_loop().run_in_executor(None, self._small_body, payload)
+        upload = self.storage.upload(
+            self.bucket,
+            key,
+            body,
+            content_type=_CONTENT_TYPE,
+            metadata={"metadata": {SIZE_METADATA: str(payload.size)}},
+            force_resumable_upload=False,
+            timeout=self._t(),
+        )
+        try:
+            await self._call(upload)
+        except _Missing:
+            raise TierError(f"{self.name}: bucket {self.bucket} not found") from None
 
     def _small_body(self, payload: Payload) -> bytes:
         data = payload.data
@@ -248,25 +250,26 @@ class GcsTier(Tier):
         """A resumable upload in UPLOAD_CHUNK pieces, encoding as it reads: memory stays at two
         pieces whatever the blob's size, and the encoded size need not be known up front."""
         loop = asyncio.get_running_loop()
-        uri = await self._begin_upload(key, payload.size)
         source: BinaryIO = await loop.run_in_executor(None, _open_payload, payload)
         try:
+            uri = await self._begin_upload(key, payload.size)
             reader = _Pieces(source, self.encoding, UPLOAD_CHUNK)
             offset = 0
             piece = await loop.run_in_executor(None, reader.read)
             while True:
                 # Read the next piece while this one is on the wire. A short piece is the last one;
                 # a full one at the very end is followed by an empty PUT that names the total.
-                following = loop.run_in_executor(None, reader.read)
                 last = len(piece) < UPLOAD_CHUNK
+                following = None if last else loop.run_in_executor(None, reader.read)
                 try:
                     await self._send_piece(uri, piece, offset, last)
                 except BaseException:
-                    await asyncio.wait([following])  # the read holds the file: let it end before close
+                    if following is not None:
+                        await asyncio.wait([following])  # the read holds the file: let it end before close
                     raise
-                offset += len(piece)
-                if last:
+                if following is None:
                     return
+                offset += len(piece)
                 piece = await following
         finally:
             await loop.run_in_executor(None, source.close)
