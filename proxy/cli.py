@@ -19,6 +19,7 @@ from proxy import __version__
 from proxy.client import DEFAULT_URL, AsyncClient, Ticket
 from proxy.config import Config, load_config, redacted
 from proxy.errors import ConfigError, Forbidden, ProxyError, Unauthorized
+from proxy.transfer import cli as transfer_cli
 from proxy.units import parse_duration
 
 log = logging.getLogger("casproxy")
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("refs", nargs="+", metavar="HASH", help="sha1 or sha256 hex digest, or a ticket URL")
     get.add_argument("-o", "--output", help="directory for the files (default: .); with one HASH, may be a file")
     _server_flags(get, jobs=16)
+
+    transfer_cli.add_commands(commands)  # export, import
     return parser
 
 
@@ -84,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sign_ticket(load_config(args.config), args.hash, args.ttl)
         if args.command in ("put", "get"):
             return transfer(args)
+        if args.command in ("export", "import"):
+            return transfer_cli.run(args)
         if args.command == "check-config":
             config = load_config(args.config)
             print(json.dumps({"source": config.source, **redacted(config)}, indent=2, default=list))

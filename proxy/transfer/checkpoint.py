@@ -1,0 +1,202 @@
+"""What a transfer has finished, kept in SQLite (WAL) so a rerun does only what is left.
+
+A row is written only after the thing it records is durable at the target (a PUT answered, a
+file renamed into place, a part uploaded), so after ``kill -9`` at any moment the checkpoint
+never claims more than is there. Rows are committed in batches from one thread: the event loop
+never waits on SQLite, and losing the last batch to a kill only means redoing (or re-checking)
+those few items.
+
+For a multipart upload it keeps the upload id and part size before the first part is sent, and
+each finished part's number, ETag and MD5, so a rerun continues the same upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from proxy.transfer.spec import TransferError, UsageError
+
+State = Literal["done", "skipped"]
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (name TEXT PRIMARY KEY, size INTEGER NOT NULL, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS uploads (
+    name TEXT PRIMARY KEY, upload_id TEXT NOT NULL, part_size INTEGER NOT NULL, size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parts (
+    name TEXT NOT NULL, number INTEGER NOT NULL, etag TEXT NOT NULL, md5 TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (name, number)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Part:
+    etag: str
+    md5: str  # hex MD5 of the part's bytes, to check a re-read part before reusing the upload's copy
+    size: int
+
+
+@dataclass
+class Upload:
+    """A multipart upload started by an earlier run (or this one)."""
+
+    upload_id: str
+    part_size: int
+    size: int
+    parts: dict[int, Part] = field(default_factory=dict)
+
+
+class Checkpoint:
+    """The record of one transfer. With ``path`` None (a tar stream) it records nothing."""
+
+    def __init__(self, path: str | None, identity: Mapping[str, Any]) -> None:
+        self.path = path
+        self.identity = dict(identity)
+        self.finished: dict[str, tuple[int, State]] = {}
+        self.uploads: dict[str, Upload] = {}
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._db: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if path else None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.path is not None:
+            await self._run(self._open)
+
+    def _open(self) -> None:
+        assert self.path is not None
+        folder = os.path.dirname(self.path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives the process being killed
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as error:
+            raise UsageError(f"checkpoint {self.path}: {error}") from None
+        self._db = db
+        row = db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(self.identity, sort_keys=True),))
+        elif json.loads(row[0]) != self.identity:
+            db.close()
+            self._db = None
+            raise UsageError(f"checkpoint {self.path} belongs to another transfer: {row[0]}")
+        for name, size, state in db.execute("SELECT name, size, state FROM items"):
+            self.finished[name] = (size, state)
+        for name, upload_id, part_size, size in db.execute("SELECT name, upload_id, part_size, size FROM uploads"):
+            self.uploads[name] = Upload(upload_id, part_size, size)
+        for name, number, etag, md5, size in db.execute("SELECT name, number, etag, md5, size FROM parts"):
+            upload = self.uploads.get(name)
+            if upload is not None:
+                upload.parts[number] = Part(etag, md5, size)
+
+    async def close(self) -> None:
+        """Commit what is pending and close; the file stays for the next run."""
+        try:
+            await self.flush()
+        finally:
+            if self._executor is not None:
+                await self._run(self._close)
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def discard(self) -> None:
+        """Close and remove the file: the transfer is complete, nothing is left to resume. (A
+        checkpoint kept after success would skip blobs deleted from the target since.)"""
+        await self.close()
+        if self.path is not None:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+
+    # -- recording -----------------------------------------------------------------------
+
+    def finish(self, name: str, size: int, state: State) -> None:
+        """``name`` is at the target (durably: call this only after the write returned)."""
+        self.finished[name] = (size, state)
+        self._queue("INSERT OR REPLACE INTO items VALUES (?, ?, ?)", (name, size, state))
+
+    async def begin_upload(self, name: str, upload_id: str, part_size: int, size: int) -> Upload:
+        """Record a new multipart upload, committed before any part is sent: a killed run must
+        find its upload id to continue it (or to know it exists at all)."""
+        upload = Upload(upload_id, part_size, size)
+        self.uploads[name] = upload
+        self._queue("DELETE FROM parts WHERE name = ?", (name,))
+        self._queue("INSERT OR REPLACE INTO uploads VALUES (?, ?, ?, ?)", (name, upload_id, part_size, size))
+        await self.flush()
+        return upload
+
+    def part_done(self, name: str, number: int, part: Part) -> None:
+        upload = self.uploads.get(name)
+        if upload is not None:
+            upload.parts[number] = part
+        self._queue(
+            "INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?, ?)", (name, number, part.etag, part.md5, part.size)
+        )
+
+    def end_upload(self, name: str) -> None:
+        """The upload was completed or aborted: forget it."""
+        self.uploads.pop(name, None)
+        self._queue("DELETE FROM parts WHERE name = ?", (name,))
+        self._queue("DELETE FROM uploads WHERE name = ?", (name,))
+
+    # -- batching ------------------------------------------------------------------------
+
+    def _queue(self, sql: str, params: tuple[Any, ...]) -> None:
+        if self._executor is None:
+            return
+        self._raise_failure()
+        self._pending.append((sql, params))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending(), name="checkpoint")
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await self._run(self._commit, batch)
+
+    def _commit(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+        assert self._db is not None
+        with self._db:  # one transaction per batch
+            self._db.execute("BEGIN")
+            for sql, params in batch:
+                self._db.execute(sql, params)
+
+    async def flush(self) -> None:
+        """Wait until everything recorded so far is committed."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        self._raise_failure()
+        if self._pending:  # queued while the last batch was committing
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending(), name="checkpoint")
+            await self.flush()
+
+    def _raise_failure(self) -> None:
+        writer = self._writer
+        if writer is not None and writer.done() and not writer.cancelled() and writer.exception() is not None:
+            raise TransferError(f"cannot write checkpoint {self.path}: {writer.exception()}")
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        assert self._executor is not None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as error:
+            raise TransferError(f"checkpoint {self.path}: {error}") from error
