@@ -231,6 +231,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"server.workers: must be at least 1 (in {config.source})")
     if config.breaker.threshold < 1:
         raise ConfigError(f"breaker.threshold: must be at least 1 (in {config.source})")
+    for key in ("upload_tokens", "admin_tokens"):
+        tokens: tuple[str, ...] = getattr(config.auth, key)
+        for index, token in enumerate(tokens):
+            if not token.strip():  # e.g. env:CASPROXY_UPLOAD_TOKEN set to "": nobody could use it
+                raise ConfigError(f"auth.{key}[{index}]: empty token (in {config.source})")
 
 
 # -- typed conversion ----------------------------------------------------------------------

@@ -59,6 +59,8 @@ def test_env_references_resolve_secrets(tmp_path: Path) -> None:
     assert "t0ken" not in shown and "s3cret" not in shown
     with pytest.raises(ConfigError, match=r"auth.upload_tokens\[0\].*MY_TOKEN"):
         load_config(str(path), environ={"MY_SECRET": "x"})
+    with pytest.raises(ConfigError, match=r"auth.upload_tokens\[0\]: empty token"):
+        load_config(str(path), environ={"MY_TOKEN": "", "MY_SECRET": "x"})
 
 
 def test_check_config_masks_header_secrets_and_url_passwords(tmp_path: Path) -> None:

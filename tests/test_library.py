@@ -8,6 +8,7 @@ import pickle
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import diskcache
 import pytest
@@ -196,12 +197,19 @@ async def test_disk_tier_refuses_pickles_and_foreign_writable_dirs(tmp_path: Pat
         await Composite([DiskTier(str(path))]).start()
 
 
-async def test_disk_min_free_evicts_to_keep_free_space(tmp_path: Path) -> None:
+async def test_disk_min_free_evicts_to_keep_free_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first, first_digest = make_blob(4 << 20)
     second, second_digest = make_blob(4 << 20)
-    free = shutil.disk_usage(tmp_path).free
+    # A filesystem of its own whose free space only this cache uses up: the machine's real one
+    # changes under the test as other processes write.
+    total = 1 << 40
+    disk = DiskTier(str(tmp_path / "cache"), min_free=total - (6 << 20), memory_limit=0)
+
+    def usage(path: str) -> SimpleNamespace:
+        return SimpleNamespace(free=total - disk.cache.volume())
+
+    monkeypatch.setattr("proxy.tiers.disk.shutil.disk_usage", usage)
     # Room for one blob above min_free, not two (2 MiB margins either way).
-    disk = DiskTier(str(tmp_path / "cache"), min_free=free - (6 << 20), memory_limit=0)
     async with Composite([disk, DictAPI({first_digest: first, second_digest: second})]) as store:
         await store.get(first_digest)
         await store.wait_idle()
