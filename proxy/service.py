@@ -14,7 +14,7 @@ from proxy.negative import NegativeCache
 from proxy.replication import ReplicationQueue
 from proxy.tickets import Signer, load_secret
 from proxy.tier import Tier
-from proxy.tiers import DiskTier, FsTier, S3Tier, build_tier
+from proxy.tiers import DiskTier, FsTier, GcsTier, S3Tier, build_tier
 from proxy.uploads import Uploader
 
 
@@ -58,7 +58,7 @@ def state_dir(store: Composite) -> str:
 
 def default_targets(store: Composite) -> list[Tier]:
     """With no uploads.targets, uploads go to the first source that can store blobs."""
-    writable = (DiskTier, FsTier, S3Tier)
+    writable = (DiskTier, FsTier, S3Tier, GcsTier)
     found: list[Tier] = [tier for tier in store.tiers if tier.role == "source" and isinstance(tier, writable)]
     return found[:1]
 
