@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     _server_flags(get, jobs=16)
 
     transfer_cli.add_commands(commands)  # export, import
+
+    cache = commands.add_parser("cache", help="inspect and repair the cache tiers (works while serving)")
+    cache.add_argument(
+        "action",
+        choices=["stats", "check", "purge"],
+        help="stats: size and entries; check: re-hash every disk cache entry, remove bad ones; "
+        "purge HASH...: remove blobs from every cache tier",
+    )
+    cache.add_argument("hashes", nargs="*", metavar="HASH", help="for purge: the blobs to remove")
+    _config_flag(cache)
     return parser
 
 
@@ -89,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return transfer(args)
         if args.command in ("export", "import"):
             return transfer_cli.run(args)
+        if args.command == "cache":
+            return asyncio.run(cache_command(load_config(args.config), args.action, args.hashes))
         if args.command == "check-config":
             config = load_config(args.config)
             print(json.dumps({"source": config.source, **redacted(config)}, indent=2, default=list))
@@ -105,6 +117,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+async def cache_command(config: Config, action: str, hashes: list[str]) -> int:
+    """``casproxy cache stats|check|purge``: one JSON object on stdout; exit 1 if check removed
+    anything. diskcache is safe to share between processes, so the server may be running."""
+    from proxy.digest import Digest
+    from proxy.service import build_store
+    from proxy.tiers.disk import DiskTier
+
+    if (action == "purge") != bool(hashes):
+        raise ConfigError("give HASH arguments with purge, and only with purge")
+    digests = [Digest.parse(text) for text in hashes]
+    damaged = False
+    async with build_store(config) as store:
+        caches = [tier for tier in store.tiers if tier.role == "cache"]
+        if action == "stats":
+            report: dict[str, object] = {tier.name: {"kind": type(tier).__name__, **tier.describe()} for tier in caches}
+        elif action == "purge":
+            report = {digest: await store.delete(digest) for digest in digests}
+        else:
+            report = {}
+            for tier in caches:
+                if isinstance(tier, DiskTier):
+                    checked, removed = await tier.check()
+                    report[tier.name] = {"checked": checked, "removed": removed}
+                    damaged |= bool(removed)
+    print(json.dumps(report, indent=2))
+    return 1 if damaged else 0
 
 
 def sign_ticket(config: Config, text: str, ttl: str | None) -> int:

@@ -25,7 +25,7 @@ import diskcache
 
 from proxy import metrics
 from proxy.digest import Digest
-from proxy.errors import ConfigError, TierError
+from proxy.errors import BadDigest, ConfigError, TierError
 from proxy.spool import SPOOL_PREFIX
 from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Role, Stat, Tier
 from proxy.units import SizeArg, parse_size
@@ -341,6 +341,25 @@ class DiskTier(Tier):
                 metrics.EVICTIONS.labels(self.name).inc()
                 self.hot.discard(row[0])
 
+    async def check(self) -> tuple[int, list[str]]:
+        """Hash every entry again and remove the ones whose bytes no longer match their name
+        (bit rot, a file changed by hand). Returns how many were checked and what was removed."""
+        return await self._run(self._check)  # type: ignore[no-any-return]
+
+    def _check(self) -> tuple[int, list[str]]:
+        checked, removed = 0, []
+        for key in list(self.reader.iterkeys()):
+            checked += 1
+            try:
+                good = _hashes_to_its_name(key, self.reader.get(key, read=True))
+            except (OSError, ValueError, BadDigest):  # its file is gone, or not a blob of ours
+                good = False
+            if not good and self.cache.delete(key):
+                self.hot.discard(key)
+                removed.append(str(key))
+                log.warning("%s: removed %s: its bytes do not hash to its name", self.name, key)
+        return checked, removed
+
     async def delete(self, digest: Digest) -> bool:
         self.hot.discard(digest)
         return bool(await self._run(self.cache.delete, digest))
@@ -387,3 +406,16 @@ def _abandoned(folder: str) -> bool:
     finally:
         os.close(fd)  # also releases the lock just taken
     return True
+
+
+def _hashes_to_its_name(key: object, value: bytes | BinaryIO | None) -> bool:
+    if value is None:
+        return True  # evicted while the check ran
+    hasher = Digest.parse(str(key)).hasher()
+    if isinstance(value, bytes):
+        hasher.update(value)
+    else:
+        with value:
+            while chunk := value.read(1 << 20):
+                hasher.update(chunk)
+    return Digest.parse(str(key)).matches(hasher)
