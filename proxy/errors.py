@@ -53,6 +53,12 @@ class NotFound(ProxyError):
     title = "Blob not found"
 
 
+class Conflict(ProxyError):
+    status = 409
+    type = "conflict"
+    title = "Not possible in the current state"
+
+
 class TooLarge(ProxyError):
     status = 413
     type = "too-large"

@@ -1,9 +1,10 @@
 """Builds the domain from the configuration: the tiers behind one Composite, uploads, the
-replication queue, tickets and access rules. Nothing here knows about HTTP."""
+replication queue, tickets, access rules and jobs. Nothing here knows about HTTP."""
 
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
 
 from proxy.access import Access
@@ -17,6 +18,9 @@ from proxy.tier import Tier
 from proxy.tiers import DiskTier, FsTier, GcsTier, S3Tier, build_tier
 from proxy.uploads import Uploader
 
+if typing.TYPE_CHECKING:
+    from proxy.jobs import Jobs
+
 
 @dataclass
 class Service:
@@ -27,12 +31,15 @@ class Service:
     signer: Signer
     access: Access
     bulk: BucketBulkData | SelfBulkData
+    jobs: Jobs
 
     async def start(self) -> None:
         await self.store.start()
         await self.queue.start()
+        await self.jobs.start()
 
     async def close(self) -> None:
+        await self.jobs.close()
         await self.queue.close()
         await self.store.wait_idle()
         await self.store.close()
@@ -78,4 +85,8 @@ def build_service(config: Config, store: Composite | None = None) -> Service:
         if isinstance(bulk_tier, S3Tier)
         else SelfBulkData(signer, os.path.join(state, "bulk-data"), max_size)
     )
-    return Service(config, store, uploader, queue, signer, Access(config, signer), bulk)
+    from proxy.jobs import Jobs  # here: proxy.transfer, below jobs, uses this module's helpers
+    from proxy.transfer import default_into
+
+    jobs = Jobs(store, os.path.join(state, "jobs"), default_into(config, store))
+    return Service(config, store, uploader, queue, signer, Access(config, signer), bulk, jobs)

@@ -10,7 +10,7 @@ from proxy.composite import Composite
 from proxy.config import Config
 from proxy.digest import ALGORITHMS
 from proxy.errors import BadDigest
-from proxy.server import blobs, bulk, ops, uploads
+from proxy.server import blobs, bulk, jobs, ops, uploads
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.metrics import get_metrics, metrics_middleware
 from proxy.server.openapi import openapi
@@ -58,6 +58,10 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     slot.add_route("PUT", bulk.put_object)
     slot.add_route("GET", bulk.get_object)
     slot.add_route("HEAD", bulk.get_object)
+    router.add_post("/jobs", jobs.create_job)
+    router.add_get("/jobs", jobs.list_jobs)
+    router.add_get("/jobs/{id}", jobs.get_job)
+    router.add_post("/jobs/{id}/{action:pause|resume|cancel}", jobs.change_job)
     router.add_get("/healthz", ops.healthz)
     router.add_get("/readyz", ops.readyz)
     router.add_get("/stats", ops.stats)

@@ -98,6 +98,22 @@ def openapi() -> dict[str, Any]:
                 }
             },
             "/stats": {"get": {"summary": "Per-tier counters and cache sizes", "responses": json_ok}},
+            "/jobs": {
+                "post": {
+                    "summary": "Start an export or import job (admin token): the fields of casproxy export/import",
+                    "responses": {"202": {"description": "the job, with Location: /jobs/{id}"}},
+                },
+                "get": {"summary": "Every job with its progress (admin token)", "responses": json_ok},
+            },
+            "/jobs/{id}": {
+                "get": {"summary": "A job: state, done, total, bytes, rate, eta_s, errors", "responses": json_ok}
+            },
+            "/jobs/{id}/{action}": {
+                "post": {
+                    "summary": "pause, resume or cancel a job (admin token)",
+                    "responses": {"202": {"description": "the job"}, "409": {"description": "it has finished"}},
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus text format, every worker aggregated; names prefixed casproxy_",

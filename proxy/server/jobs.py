@@ -1,0 +1,46 @@
+"""``/jobs``: export and import jobs run by the server (admin token). The HTTP side only reads the
+request and answers; proxy.jobs records and runs the jobs."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from proxy.errors import BadRequest
+from proxy.jobs import Wanted
+from proxy.server.keys import SERVICE
+
+_ACTIONS: dict[str, Wanted] = {"pause": "pause", "resume": "run", "cancel": "cancel"}
+
+
+async def create_job(request: web.Request) -> web.Response:
+    """POST /jobs {"kind": "export"|"import", ...the fields of `casproxy export/import`} -> 202."""
+    service = request.app[SERVICE]
+    service.access.check_admin(request.headers.get("Authorization"))
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON object") from None
+    job = await service.jobs.create(body)
+    return web.json_response(job, status=202, headers={"Location": f"/jobs/{job['id']}"})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    service.access.check_admin(request.headers.get("Authorization"))
+    return web.json_response({"jobs": await service.jobs.all()})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    service.access.check_admin(request.headers.get("Authorization"))
+    return web.json_response(await service.jobs.get(request.match_info["id"]))
+
+
+async def change_job(request: web.Request) -> web.Response:
+    """POST /jobs/{id}/pause|resume|cancel: recorded at once, carried out within half a second."""
+    service = request.app[SERVICE]
+    service.access.check_admin(request.headers.get("Authorization"))
+    wanted = _ACTIONS[request.match_info["action"]]
+    return web.json_response(await service.jobs.want(request.match_info["id"], wanted), status=202)
