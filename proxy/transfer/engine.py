@@ -48,7 +48,7 @@ from proxy.transfer.locations import (
     parse_location,
 )
 from proxy.transfer.spec import TransferError, TransferSpec, UsageError
-from proxy.transfer.tally import Snapshot, Tally
+from proxy.transfer.tally import ItemMeter, Snapshot, Tally
 from proxy.transfer.tarball import TarSource, TarTarget
 
 log = logging.getLogger(__name__)
@@ -387,16 +387,10 @@ class Transfer:
     ) -> None:
         if await self._import_skip(entry, digest, tier, checkpoint):
             return
-        try:
-            spool = await self._receive(entry, digest, budget)
-        except CorruptBlob as error:
-            self._fail("corrupt", entry.name, f"{error}; not stored")
-            return
-        except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
-            _log_unexpected(error)
-            self._fail("failed", entry.name, describe(error))
-            return
-        await self._store(entry.name, digest, spool, tier, checkpoint)
+        meter = self.tally.meter(entry.size)
+        spool = await self._receive(entry, digest, budget, meter)
+        if spool is not None:
+            await self._store(entry.name, digest, spool, tier, checkpoint, meter)
 
     async def _import_in_order(
         self,
@@ -410,21 +404,15 @@ class Transfer:
         """An archive member: read it now (the archive moves on after), store it in parallel."""
         if await self._import_skip(entry, digest, tier, checkpoint):
             return
-        try:
-            spool = await self._receive(entry, digest, budget)
-        except CorruptBlob as error:
-            self._fail("corrupt", entry.name, f"{error}; not stored")
-            return
-        except TransferError:
-            raise
-        except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
-            _log_unexpected(error)
-            self._fail("failed", entry.name, describe(error))
+        meter = self.tally.meter(entry.size)
+        spool = await self._receive(entry, digest, budget, meter)
+        if spool is None:
             return
         try:
-            await pool.submit(self._guarded, self._store, entry.name, digest, spool, tier, checkpoint)
+            await pool.submit(self._guarded, self._store, entry.name, digest, spool, tier, checkpoint, meter)
         except BaseException:
             spool.release()
+            self.tally.release(meter)
             raise
 
     async def _import_skip(self, entry: Entry, digest: Digest, tier: Tier, checkpoint: Checkpoint) -> bool:
@@ -440,11 +428,10 @@ class Transfer:
         self.tally.finished("skipped")
         return True
 
-    async def _receive(self, entry: Entry, digest: Digest, budget: MemoryBudget) -> Spool:
-        """The object's bytes, hashed as they arrive (small in memory, large in a temp file);
-        raises CorruptBlob if they are not the blob their name says."""
+    async def _receive(self, entry: Entry, digest: Digest, budget: MemoryBudget, meter: ItemMeter) -> Spool | None:
+        """The object's bytes, hashed as they arrive (small in memory, large in a temp file); None
+        (reported) if they are not the blob their name says, or could not be read."""
         spool = Spool(digest, self.store.spool_dir, CHUNK_SIZE, budget=budget)
-        meter = self.tally.meter(entry.size)
         try:
             async for chunk in entry.chunks():
                 await spool.write(chunk)
@@ -452,14 +439,23 @@ class Transfer:
             if entry.size is not None and spool.received != entry.size:
                 raise OSError(f"read {spool.received} of {entry.size} bytes")
             await spool.finish()
-        except BaseException:
-            spool.release()
+            return spool
+        except CorruptBlob as error:
+            self._fail("corrupt", entry.name, f"{error}; not stored")
+        except TransferError:
             raise
+        except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
+            _log_unexpected(error)
+            self._fail("failed", entry.name, describe(error))
         finally:
-            self.tally.release(meter)
-        return spool
+            if not spool.verified:
+                spool.release()
+                self.tally.release(meter)
+        return None
 
-    async def _store(self, name: str, digest: Digest, spool: Spool, tier: Tier, checkpoint: Checkpoint) -> None:
+    async def _store(
+        self, name: str, digest: Digest, spool: Spool, tier: Tier, checkpoint: Checkpoint, meter: ItemMeter
+    ) -> None:
         try:
             await self.store.put(digest, spool, [tier])  # also forgets any "found nowhere"
         except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
@@ -468,6 +464,7 @@ class Transfer:
             return
         finally:
             spool.release()
+            self.tally.release(meter)
         checkpoint.finish(name, spool.size, "done")
         self.tally.finished("done", spool.size)
 

@@ -96,9 +96,7 @@ class ProgressView:
     def _draw_bar(self, snap: Snapshot) -> None:
         bar = self._bar
         if bar is None:
-            bar = self._bar = tqdm(
-                total=snap.total, desc=snap.kind, file=self.stream, dynamic_ncols=True, leave=False, bar_format=_BAR
-            )
+            bar = self._bar = tqdm(desc=snap.kind, file=self.stream, dynamic_ncols=True, leave=False, delay=1e9)
         bar.total = snap.total
         bar.bar_format = _BAR if snap.total is not None else _BAR_NO_TOTAL
         bar.n = snap.processed

@@ -44,7 +44,7 @@ class Snapshot:
         return data
 
 
-class _ItemMeter:
+class ItemMeter:
     """The progress of one item in flight."""
 
     def __init__(self, tally: Tally, size: int) -> None:
@@ -74,21 +74,21 @@ class Tally:
         self.started = time.monotonic()
         self.stopped: float | None = None
         self._finished_here = 0  # items this run finished (for the items rate)
-        self._in_flight: set[_ItemMeter] = set()
+        self._in_flight: set[ItemMeter] = set()
         self._sized = 0  # items of known size this run worked on, and their bytes (for the ETA)
         self._sized_bytes = 0
 
     # -- counting ------------------------------------------------------------------------
 
-    def meter(self, size: int | None) -> _ItemMeter:
-        meter = _ItemMeter(self, size or 0)
+    def meter(self, size: int | None) -> ItemMeter:
+        meter = ItemMeter(self, size or 0)
         self._in_flight.add(meter)
         if size is not None:
             self._sized += 1
             self._sized_bytes += size
         return meter
 
-    def release(self, meter: _ItemMeter) -> None:
+    def release(self, meter: ItemMeter) -> None:
         self._in_flight.discard(meter)
 
     def finished(self, state: str, size: int = 0, *, resumed: bool = False) -> None:
