@@ -8,9 +8,11 @@ import asyncio
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,40 @@ def test_round_trip_through_a_tar_stream(world: World, tmp_path: Path) -> None:
     assert f"export: done {len(world.blobs)}, skipped 0, failed 0, corrupt 0" in export_err
     assert f"import: done {len(world.blobs)}, skipped 0, failed 0, corrupt 0" in importer.stderr
     asyncio.run(assert_serves(restored, world.blobs))
+
+
+def test_sigterm_stops_an_import_waiting_on_a_pipe(tmp_path: Path) -> None:
+    """The archive's writer is still there but silent: a signal ends the import at once, with
+    the summary, not when (if ever) the pipe delivers more."""
+    restored = restored_config(tmp_path)
+    data, digest = make_blob(3000)
+    member = io.BytesIO()
+    with tarfile.open(fileobj=member, mode="w") as tar:
+        info = tarfile.TarInfo(digest)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    importer = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "import", "-c", str(restored), "--from", "-"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert importer.stdin is not None and importer.stderr is not None
+    importer.stdin.write(member.getvalue()[: 512 + 3072])  # one member, then nothing more for now
+    importer.stdin.flush()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "restored" / digest).exists():  # stored: the import is running, waiting
+        if time.monotonic() > deadline or importer.poll() is not None:
+            importer.kill()
+            pytest.fail(f"the member was not imported: {importer.communicate()[1].decode()}")
+        time.sleep(0.05)
+    importer.send_signal(signal.SIGTERM)
+    assert importer.wait(10) == 128 + signal.SIGTERM
+    err = importer.stderr.read().decode()
+    importer.stdin.close()
+    assert "import: done 1, skipped 0, failed 0, corrupt 0" in err
+    assert "Traceback" not in err
 
 
 # -- bad data --------------------------------------------------------------------------------

@@ -137,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
         store = build_store(config)
         view = ProgressView(interval=args.progress_interval)
         with _logging_through(view):
-            return asyncio.run(_main(spec, store, view, state_dir(store), default_into(config, store)))
+            status = asyncio.run(_main(spec, store, view, state_dir(store), default_into(config, store)))
+        if status > 128:
+            _exit_now(status)
+        return status
     except UsageError as error:
         print(f"casproxy: {kind}: {error}", file=sys.stderr)
         return 2
@@ -215,6 +218,15 @@ def _logging_through(view: ProgressView) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+
+
+def _exit_now(status: int) -> None:
+    """Stopped by a signal, with the checkpoint saved and the target closed: exit without
+    waiting for worker threads, one of which may be blocked reading a pipe (stdin) for good."""
+    _quiet_stdout()
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+    os._exit(status)
 
 
 def _quiet_stdout() -> None:

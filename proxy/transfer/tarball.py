@@ -210,7 +210,9 @@ class TarSource(Source):
         try:
             if self.location.kind == "stream":
                 assert self._stream is not None
-                return tarfile.open(fileobj=self._stream, mode="r|")
+                # Unbuffered: tarfile then waits for the bytes it needs, not for a full 10 KiB
+                # record, so a member is stored as soon as it has arrived.
+                return tarfile.open(fileobj=getattr(self._stream, "raw", self._stream), mode="r|")
             if not os.path.isfile(self.location.path):
                 raise UsageError(f"{self.location.path}: no such file")
             return tarfile.open(self.location.path, "r:")
@@ -237,8 +239,10 @@ class TarSource(Source):
             yield chunk
 
     async def close(self) -> None:
-        if self._archive is not None:
-            archive, self._archive = self._archive, None
+        archive, self._archive = self._archive, None
+        # A stream is left as it is: its reader thread may be blocked on a pipe that never
+        # delivers again, and closing would wait behind it.
+        if archive is not None and self.location.kind != "stream":
             with contextlib.suppress(Exception):
                 await self._run(archive.close)
         self._executor.shutdown(wait=False)
