@@ -159,7 +159,8 @@ async def test_pause_resume_and_cancel(
 
     assert (await client.post(f"/jobs/{job_id}/resume", headers=ADMIN)).status == 202
     done = await wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))
-    assert (done["state"], done["done"]) == ("done", 60)
+    # The blob in flight at the pause may have reached the bucket unrecorded: then it is skipped.
+    assert (done["state"], done["done"] + done["skipped"], done["failed"]) == ("done", 60, 0), done
     assert done["resumed"] >= paused["done"]  # the resumed run took them from the checkpoint
     assert len(up.requests) == 60, "no blob was fetched twice"
     assert len(bucket.keys()) == 60
@@ -194,7 +195,7 @@ async def test_a_job_survives_a_server_restart(
 
     second = await start_proxy(make_proxy, tmp_path, up)
     done = await wait_for(second, running["id"], lambda j: j["state"] in ("done", "failed"))
-    assert (done["state"], done["done"]) == ("done", 60)
+    assert (done["state"], done["done"] + done["skipped"], done["failed"]) == ("done", 60, 0), done
     assert done["resumed"] >= before["done"]
     fetched = [digest for digest in up.requests if digest in blobs]
     assert len(fetched) <= 61, "at most the blob in flight at the stop was fetched again"
