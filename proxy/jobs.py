@@ -19,11 +19,11 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from proxy.composite import Composite
+from proxy.database import Database
 from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.transfer import Snapshot, Transfer, TransferError, TransferSpec, UsageError
 
@@ -53,8 +53,7 @@ class Jobs:
         self.store = store
         self.directory = os.path.abspath(directory)
         self.default_into = default_into
-        self._db: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="jobs")  # one SQLite connection
+        self.database = Database(os.path.join(self.directory, "jobs.sqlite3"), _SCHEMA, "jobs")
         self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._lock_fd: int | None = None
@@ -64,17 +63,8 @@ class Jobs:
     # -- lifetime ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._run(self._open)
+        await self.database.run(self.database.connect)
         self._runner = asyncio.get_running_loop().create_task(self._reconcile_forever(), name="jobs")
-
-    def _open(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        self._db = sqlite3.connect(
-            os.path.join(self.directory, "jobs.sqlite3"), check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
 
     async def close(self) -> None:
         """Stop running jobs where they are: their checkpoints hold what is done, and the table
@@ -87,32 +77,12 @@ class Jobs:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-            await self._run(self._save, job_id, transfer.snapshot(), None, None)
+            await self.database.run(self._save, job_id, transfer.snapshot(), None, None)
         self._running.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        if self._db is not None:
-            await self._run(self._db.close)
-        self._executor.shutdown(wait=False)
-
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        assert self._db is not None, "jobs not started"
-        return self._db
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        await self.database.close()
 
     # -- what the API asks ---------------------------------------------------------------
 
@@ -130,39 +100,41 @@ class Jobs:
         if spec.location == "-":
             raise BadRequest("a job cannot use - (standard input or output): give a bucket, folder or .tar file")
         now = time.time()
-        await self._run(self._insert, job_id, spec, now)
+        await self.database.run(self._insert, job_id, spec, now)
         self._wake.set()
         return await self.get(job_id)
 
     def _insert(self, job_id: str, spec: TransferSpec, now: float) -> None:
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             db.execute(
                 "INSERT INTO jobs (id, spec, state, wanted, created, updated) VALUES (?, ?, 'queued', 'run', ?, ?)",
                 (job_id, json.dumps(spec.as_json()), now, now),
             )
 
     async def get(self, job_id: str) -> dict[str, Any]:
-        rows = await self._run(self._select, job_id)
+        rows = await self.database.run(self._select, job_id)
         if not rows:
             raise NotFound(f"no job {job_id!r}")
         return _as_json(rows[0])
 
     async def all(self) -> list[dict[str, Any]]:
-        return [_as_json(row) for row in await self._run(self._select, None)]
+        return [_as_json(row) for row in await self.database.run(self._select, None)]
 
     def _select(self, job_id: str | None) -> list[sqlite3.Row]:
         if job_id is None:
-            return self.db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
-        return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchall()
+            rows: list[sqlite3.Row] = self.database.connection.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        else:
+            rows = self.database.connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchall()
+        return rows
 
     async def want(self, job_id: str, wanted: Wanted) -> dict[str, Any]:
         """pause, resume (run) or cancel a job; Conflict if it has finished already."""
-        await self._run(self._set_wanted, job_id, wanted)
+        await self.database.run(self._set_wanted, job_id, wanted)
         self._wake.set()
         return await self.get(job_id)
 
     def _set_wanted(self, job_id: str, wanted: Wanted) -> None:
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {job_id!r}")
@@ -200,7 +172,7 @@ class Jobs:
         return True
 
     async def _reconcile(self) -> None:
-        rows: list[sqlite3.Row] = await self._run(self._select, None)
+        rows: list[sqlite3.Row] = await self.database.run(self._select, None)
         for row in rows:
             job_id, state, wanted = row["id"], row["state"], row["wanted"]
             running = self._running.get(job_id)
@@ -211,17 +183,17 @@ class Jobs:
                 continue
             if wanted == "run" and running is None and len(self._running) < MAX_RUNNING:
                 self._launch(job_id, TransferSpec.from_json(json.loads(row["spec"])))
-                await self._run(self._save, job_id, None, "running", "")
+                await self.database.run(self._save, job_id, None, "running", "")
             elif wanted in ("pause", "cancel"):
                 if running is not None:
                     await self._stop(job_id, *running)
                 new_state = "paused" if wanted == "pause" else "cancelled"
                 if state != new_state:
-                    await self._run(self._save, job_id, None, new_state, None)
+                    await self.database.run(self._save, job_id, None, new_state, None)
                     if new_state == "cancelled":
-                        await self._run(_discard_checkpoint, json.loads(row["spec"]).get("checkpoint"))
+                        await self.database.run(_discard_checkpoint, json.loads(row["spec"]).get("checkpoint"))
             elif running is not None and time.monotonic() - self._saved.get(job_id, 0) >= SAVE_EVERY:
-                await self._run(self._save, job_id, running[0].snapshot(), None, None)
+                await self.database.run(self._save, job_id, running[0].snapshot(), None, None)
                 self._saved[job_id] = time.monotonic()
 
     def _launch(self, job_id: str, spec: TransferSpec) -> None:
@@ -236,7 +208,7 @@ class Jobs:
         with contextlib.suppress(BaseException):
             await task  # the transfer saves its checkpoint as it is cancelled
         del self._running[job_id]
-        await self._run(self._save, job_id, transfer.snapshot(), None, None)
+        await self.database.run(self._save, job_id, transfer.snapshot(), None, None)
 
     async def _finished(self, job_id: str, transfer: Transfer, task: asyncio.Task[Snapshot]) -> None:
         del self._running[job_id]
@@ -250,11 +222,11 @@ class Jobs:
             log.exception("job %s crashed", job_id)
             snapshot, state, error = transfer.snapshot(), "failed", f"internal error: {failure!r}"
         log.info("job %s: %s", job_id, state)
-        await self._run(self._save, job_id, snapshot, state, error)
+        await self.database.run(self._save, job_id, snapshot, state, error)
         # A job that finished needs nothing resumed; one that failed keeps its checkpoint.
 
     def _save(self, job_id: str, snapshot: Snapshot | None, state: str | None, error: str | None) -> None:
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             if snapshot is not None:
                 progress = {k: v for k, v in snapshot.as_json().items() if k not in ("kind", "state")}
                 db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))

@@ -16,12 +16,11 @@ import contextlib
 import logging
 import os
 import shutil
-import sqlite3
 import time
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from typing import Any
 
+from proxy.database import Database
 from proxy.digest import Digest
 from proxy.tier import FilePayload, Payload, Tier
 
@@ -49,8 +48,7 @@ class ReplicationQueue:
         self.concurrency = concurrency
         self.replicated = 0
         self.failures = 0
-        self._db: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="replication")  # one SQLite writer
+        self.database = Database(os.path.join(self.directory, "queue.sqlite3"), _SCHEMA, "replication")
         self._wake = asyncio.Event()
         self._leased: set[tuple[str, str]] = set()  # copies this process is making now
         self._worker: asyncio.Task[None] | None = None
@@ -58,17 +56,12 @@ class ReplicationQueue:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._run(self._open)
+        await self.database.run(self._open)
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="replication")
 
     def _open(self) -> None:
         os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
-        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE takes the write lock up front).
-        self._db = sqlite3.connect(
-            os.path.join(self.directory, "queue.sqlite3"), check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self.database.connect()
         # Temp files of an enqueue that crashed before its commit hold nothing anyone waits for.
         for name in os.listdir(self.blob_dir):
             if name.startswith(".tmp-") and _writer_gone(name):
@@ -79,37 +72,16 @@ class ReplicationQueue:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        if self._db is not None and self._leased:
-            await self._run(self._release_leases)
-        if self._db is not None:
-            await self._run(self._db.close)
-        self._executor.shutdown(wait=False)
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        assert self._db is not None, "queue not started"
-        return self._db
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        if self.database.is_open and self._leased:
+            await self.database.run(self._release_leases)
+        await self.database.close()
 
     # -- producing -----------------------------------------------------------------------
 
     async def enqueue(self, digest: Digest, payload: Payload, targets: list[str]) -> None:
         """Keep a copy of the blob and remember to put it into each target."""
         if targets:
-            await self._run(self._enqueue, digest, payload, targets)
+            await self.database.run(self._enqueue, digest, payload, targets)
             self._wake.set()
 
     def _enqueue(self, digest: Digest, payload: Payload, targets: list[str]) -> None:
@@ -122,7 +94,7 @@ class ReplicationQueue:
         else:
             with source, open(temp, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             os.replace(temp, os.path.join(self.blob_dir, digest))
             db.executemany(
                 "INSERT OR IGNORE INTO pending (digest, target, size, next_try) VALUES (?, ?, ?, ?)",
@@ -132,20 +104,22 @@ class ReplicationQueue:
     # -- consuming -----------------------------------------------------------------------
 
     async def depth(self) -> int:
-        return int(await self._run(lambda: self.db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]))
+        return await self.database.run(self._count)
+
+    def _count(self) -> int:
+        return int(self.database.connection.execute("SELECT COUNT(*) FROM pending").fetchone()[0])
 
     async def pending(self) -> list[dict[str, Any]]:
-        rows = await self._run(
-            lambda: self.db.execute(
+        rows = await self.database.run(
+            lambda: self.database.connection.execute(
                 "SELECT digest, target, attempts, next_try, last_error FROM pending ORDER BY next_try"
             ).fetchall()
         )
-        keys = ("digest", "target", "attempts", "next_try", "last_error")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return [dict(row) for row in rows]
 
     async def _work(self) -> None:
         while True:
-            due, wait = await self._run(self._due)
+            due, wait = await self.database.run(self._due)
             if due:
                 await asyncio.gather(*(self._replicate(*row) for row in due))
                 continue
@@ -155,7 +129,7 @@ class ReplicationQueue:
 
     def _due(self) -> tuple[list[tuple[str, str, int, int]], float]:
         now = time.time()
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             rows = db.execute(
                 "SELECT digest, target, size, attempts FROM pending WHERE next_try <= ? ORDER BY next_try LIMIT ?",
                 (now, self.concurrency),
@@ -171,7 +145,7 @@ class ReplicationQueue:
 
     def _release_leases(self) -> None:
         """Copies interrupted by a shutdown are due again at once, not after their lease."""
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             db.executemany(
                 "UPDATE pending SET next_try = ? WHERE digest = ? AND target = ?",
                 [(time.time(), digest, target) for digest, target in self._leased],
@@ -188,7 +162,7 @@ class ReplicationQueue:
         try:
             if tier is None:
                 raise LookupError(f"no tier named {target!r} in the current config")
-            if await self._run(os.path.getsize, path) != size:
+            if await self.database.run(os.path.getsize, path) != size:
                 raise OSError(f"queued copy of {digest} has the wrong size")  # never store a torn copy
             await tier.put(Digest(digest), FilePayload(path, size))
         except Exception as error:  # noqa: BLE001 - any failure is retried later, never dropped
@@ -202,13 +176,13 @@ class ReplicationQueue:
                 delay,
                 error,
             )
-            await self._run(self._retry_later, digest, target, delay, repr(error))
+            await self.database.run(self._retry_later, digest, target, delay, repr(error))
             return
         self.replicated += 1
-        await self._run(self._done, digest, target)
+        await self.database.run(self._done, digest, target)
 
     def _retry_later(self, digest: str, target: str, delay: float, error: str) -> None:
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             db.execute(
                 "UPDATE pending SET attempts = attempts + 1, next_try = ?, last_error = ? "
                 "WHERE digest = ? AND target = ?",
@@ -216,7 +190,7 @@ class ReplicationQueue:
             )
 
     def _done(self, digest: str, target: str) -> None:
-        with self._transaction() as db:
+        with self.database.transaction() as db:
             db.execute("DELETE FROM pending WHERE digest = ? AND target = ?", (digest, target))
             left = db.execute("SELECT COUNT(*) FROM pending WHERE digest = ?", (digest,)).fetchone()[0]
             if not left:
