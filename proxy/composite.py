@@ -314,6 +314,7 @@ class Composite:
                 return tier, found
         if digest not in self._fills and await self._remembered_absent(digest):
             raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
+        began = self.negative.now()
         errors: list[str] = []
         for tier in self.tiers[len(trusted) :]:
             try:
@@ -322,7 +323,7 @@ class Composite:
                 continue
             if found is not None:
                 return tier, found
-        await self._nothing_found(digest, errors)
+        await self._nothing_found(digest, errors, began)
         raise AssertionError("unreachable")
 
     async def contains(self, digest: str) -> bool:
@@ -408,10 +409,10 @@ class Composite:
         if errors is not None:
             errors.append(text)
 
-    async def _nothing_found(self, digest: Digest, errors: list[str]) -> None:
+    async def _nothing_found(self, digest: Digest, errors: list[str], began: int) -> None:
         if errors:
             raise UpstreamFailed(f"{digest} not found; failing tiers: " + "; ".join(errors))
-        await self.negative.add(digest)
+        await self.negative.add(digest, began)
         raise NotFound(f"{digest} was found in no tier")
 
     def _start_fill(self, digest: Digest) -> Fill:
@@ -426,6 +427,7 @@ class Composite:
     async def _run_fill(self, fill: Fill) -> None:
         digest = fill.digest
         trusted = self._trusted_head()
+        began = self.negative.now()
         errors: list[str] = []
         try:
             async with self._exclusive(digest) as waited:
@@ -445,7 +447,7 @@ class Composite:
                         fill.result.set_result(spool)
                         await self._fill_caches(digest, spool, self.tiers[:index])
                         return
-                await self._nothing_found(digest, errors)
+                await self._nothing_found(digest, errors, began)
         except BaseException as error:
             if not fill.result.done():
                 fill.result.set_exception(error)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
+import time
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -26,8 +29,42 @@ _BACKEND_RETRY = 2.0  # seconds to leave a failed backend alone before one call 
 _MAX_UNSENT = 10_000  # clears kept for resending; past that, entries expire by their TTL
 
 
+class UploadClock:
+    """When any process sharing a cache folder last stored a blob, in ns since the epoch.
+
+    A memory negative cache is private to its process: an upload answered by another worker (or
+    a ``casproxy import``) clears only that process's entry. So every store moves this shared
+    clock forward, and a private entry counts only if its walk began after the last store."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._fd
+
+    def last(self) -> int:
+        data = os.pread(self._open(), 8, 0)  # one aligned 8-byte read: never torn
+        return int.from_bytes(data, "little") if len(data) == 8 else 0
+
+    def advance(self) -> None:
+        fd = self._open()
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # read-modify-write: the clock never goes back
+        try:
+            os.pwrite(fd, max(self.last(), time.time_ns()).to_bytes(8, "little"), 0)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class NegativeCache:
-    def __init__(self, url: str = "memory://", ttl: float = 30.0) -> None:
+    def __init__(self, url: str = "memory://", ttl: float = 30.0, clock: UploadClock | None = None) -> None:
         self.url = _without_password(url)  # shown in /stats and logs
         # Always a float: aiocache then sets Redis keys with PSETEX; an int picks SETEX, which
         # redis-py (5+) reports as deprecated on every call.
@@ -39,6 +76,7 @@ class NegativeCache:
         # not stay "found nowhere" for other instances because Redis blinked.
         self._unsent_discards: set[str] = set()
         self._resender: asyncio.Task[None] | None = None
+        self.clock = clock if urlparse(url).scheme == "memory" else None  # Redis is shared already
         self._cache: Any = None
         if self.ttl > 0:
             try:
@@ -90,20 +128,32 @@ class NegativeCache:
                     break
         self._resender = None
 
+    def now(self) -> int:
+        """Take this when a walk begins; pass it to ``add`` when the walk found nothing."""
+        return time.time_ns()
+
     async def contains(self, digest: str) -> bool:
         try:
-            found = await self._call("exists", digest) is True
+            if self.clock is None:
+                found = await self._call("exists", digest) is True
+            else:
+                began = await self._call("get", digest)
+                found = began is not None and int(began) > self.clock.last()
         except _Unavailable:
             return False
         self.hits += found
         return found
 
-    async def add(self, digest: str) -> None:
+    async def add(self, digest: str, began: int | None = None) -> None:
+        """Remember that a walk which began at ``began`` (see ``now``) found ``digest`` nowhere."""
         with contextlib.suppress(_Unavailable):
-            await self._call("set", digest, "1", ttl=self.ttl)
+            await self._call("set", digest, str(began or self.now()), ttl=self.ttl)
 
     async def discard(self, digest: str) -> None:
-        """Forget ``digest`` at once; tried even while the backend is being left alone."""
+        """Forget ``digest`` at once, here and (through the clock) in the other workers; tried
+        even while the backend is being left alone."""
+        if self.clock is not None:
+            await asyncio.to_thread(self.clock.advance)
         if self._cache is None:
             return
         try:
@@ -115,6 +165,8 @@ class NegativeCache:
                 self._resender = asyncio.get_running_loop().create_task(self._resend_discards())
 
     async def close(self) -> None:
+        if self.clock is not None:
+            self.clock.close()
         if self._cache is None:
             return
         if self._resender is not None:  # clears still owed expire with their entries' TTL

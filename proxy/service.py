@@ -11,7 +11,7 @@ from proxy.access import Access
 from proxy.bulk import BucketBulkData, SelfBulkData
 from proxy.composite import Composite
 from proxy.config import Config
-from proxy.negative import NegativeCache
+from proxy.negative import NegativeCache, UploadClock
 from proxy.replication import ReplicationQueue
 from proxy.tickets import Signer, load_secret
 from proxy.tier import Tier
@@ -46,9 +46,13 @@ class Service:
 
 
 def build_store(config: Config) -> Composite:
+    tiers = [build_tier(tier, config.source) for tier in config.tiers]
+    disks = [tier for tier in tiers if isinstance(tier, DiskTier)]
+    # Workers (and imports) sharing the cache folder share its upload clock: see UploadClock.
+    clock = UploadClock(os.path.join(disks[0].path, "uploads.clock")) if disks else None
     return Composite(
-        [build_tier(tier, config.source) for tier in config.tiers],
-        negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl),
+        tiers,
+        negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl, clock),
         spool_memory=config.server.spool_memory,
         breaker_threshold=config.breaker.threshold,
         breaker_cooldown=config.breaker.cooldown,

@@ -139,3 +139,34 @@ async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(two_workers: tu
     for pid in survivors:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # no worker left behind
+
+
+async def test_an_upload_to_one_worker_clears_found_nowhere_in_the_other(tmp_path: Path) -> None:
+    # Uploads land in a source behind the cache: a worker whose private negative cache says
+    # "found nowhere" would answer 404 without looking, unless the upload reached it too.
+    port = free_port()
+    config = write_config(
+        tmp_path / "config.toml",
+        [
+            {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
+            {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+        ],
+        server={"host": "127.0.0.1", "port": port, "workers": 2, "access_log": False},
+    )
+    proxy = ProxyProcess(config, port, tmp_path / "proxy.log")
+    proxy.start()
+    data, digest = make_blob(5000)
+    try:
+        async with fresh_connections() as session:
+            await proxy.wait_healthy(session, limit=30)
+            assert len(await worker_pids(session, proxy.url)) == 2
+            for _ in range(20):  # both workers now remember it as found nowhere
+                async with session.get(f"{proxy.url}/sha1/{digest}") as response:
+                    assert response.status == 404
+            async with session.put(f"{proxy.url}/sha1/{digest}", data=data) as response:
+                assert response.status == 201
+            for _ in range(20):
+                async with session.get(f"{proxy.url}/sha1/{digest}") as response:
+                    assert response.status == 200 and await response.read() == data
+    finally:
+        proxy.stop()
