@@ -18,7 +18,7 @@ import aiohttp
 from proxy import __version__
 from proxy.client import DEFAULT_URL, AsyncClient, Ticket
 from proxy.config import Config, load_config, redacted
-from proxy.errors import ConfigError, Forbidden, ProxyError, Unauthorized
+from proxy.errors import BadRequest, ConfigError, Forbidden, ProxyError, Unauthorized
 from proxy.transfer import cli as transfer_cli
 from proxy.units import parse_duration
 
@@ -127,7 +127,7 @@ async def cache_command(config: Config, action: str, hashes: list[str]) -> int:
     from proxy.tiers.disk import DiskTier
 
     if (action == "purge") != bool(hashes):
-        raise ConfigError("give HASH arguments with purge, and only with purge")
+        raise BadRequest("give HASH arguments with purge, and only with purge")
     digests = [Digest.parse(text) for text in hashes]
     damaged = False
     async with build_store(config) as store:

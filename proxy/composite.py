@@ -130,6 +130,7 @@ class Composite:
         self.tiers: list[Tier] = []
         self._trusted: list[Tier] | None = None  # the trusted tiers at the head, computed once
         self.stats: dict[str, TierStats] = {}
+        self._meters: dict[str, tuple[Any, Any, Any]] = {}  # hits, bytes, misses per tier
         self.breakers: dict[str, Breaker] = {}
         self.negative = negative_cache or NegativeCache()
         self.coalesced = 0
@@ -154,6 +155,12 @@ class Composite:
         self.tiers.append(tier)
         self._trusted = None
         self.stats[tier.name] = TierStats()
+        # Prometheus children resolved once: labels() on every hit is a lock and a dict lookup.
+        self._meters[tier.name] = (
+            metrics.LOOKUPS.labels(tier.name, "hit"),
+            metrics.TIER_BYTES.labels(tier.name),
+            metrics.LOOKUPS.labels(tier.name, "miss"),
+        )
         self.breakers[tier.name] = Breaker(*self._breaker)
         if self._spool_dir is None:
             self._spool_dir = getattr(tier, "spool_dir", None)
@@ -481,12 +488,13 @@ class Composite:
         stats = self.stats[tier.name]
         stats.hits += 1
         stats.bytes += size
-        metrics.LOOKUPS.labels(tier.name, "hit").inc()
-        metrics.TIER_BYTES.labels(tier.name).inc(size)
+        hits, moved, _ = self._meters[tier.name]
+        hits.inc()
+        moved.inc(size)
 
     def _count_miss(self, tier: Tier) -> None:
         self.stats[tier.name].misses += 1
-        metrics.LOOKUPS.labels(tier.name, "miss").inc()
+        self._meters[tier.name][2].inc()
 
     def _breaker_failed(self, tier: Tier) -> None:
         breaker = self.breakers[tier.name]
