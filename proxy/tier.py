@@ -7,7 +7,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, Protocol
+from typing import BinaryIO, ClassVar, Literal, Protocol
 
 from proxy.digest import Digest
 from proxy.errors import TierError
@@ -52,7 +52,8 @@ class BytesBlob(Blob):
 
 
 class FileBlob(Blob):
-    """A verified local file, open; the server can hand it to sendfile."""
+    """An open local file; the server can hand it to sendfile. Whether its bytes are verified is
+    the tier's business (``Tier.trusted``), not this type's."""
 
     size: int
 
@@ -130,6 +131,16 @@ class FilePayload:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """How full a tier with a size limit is, from memory (never a database query)."""
+
+    bytes: int
+    limit: int
+    entries: int
+    evictions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Stat:
     """A tier's cheap answer to "do you have it?": yes, with the size when it knows it."""
 
@@ -146,6 +157,10 @@ class Tier(ABC):
     role: Role = "source"
     timeout: float = 30.0
     trusted: bool = False  # holds only bytes it verified itself, so hits skip re-hashing
+    can_store: ClassVar[bool] = False  # put() works: it can be an upload target or a cache
+    # A private local folder the tier owns, where the store may keep its spool and its
+    # cross-process locks (the disk cache's); None for tiers with no local state.
+    state_dir: str | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections, create folders; called once before use."""
@@ -177,6 +192,14 @@ class Tier(ABC):
         """Remove the blob; True if it was there."""
         raise TierError(f"{self.name}: this {type(self).__name__} cannot delete")
 
+    async def ready(self) -> bool:
+        """Whether the tier can do its job now (a cache: be written); for /readyz."""
+        return True
+
+    def usage(self) -> Usage | None:
+        """Bytes held against a size limit, for tiers that have one; from memory, cheap."""
+        return None
+
     def describe(self) -> dict[str, object]:
-        """State for /readyz and /stats."""
+        """State for /stats and the status page: from memory, never blocking (it runs on the loop)."""
         return {}
