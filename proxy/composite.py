@@ -29,7 +29,7 @@ from proxy.errors import ConfigError, CorruptBlob, NotFound, TierError, Upstream
 from proxy.interlock import FillLocks
 from proxy.negative import NegativeCache
 from proxy.spool import MemoryBudget, Spool, SpoolFailed
-from proxy.tier import Blob, FileBlob, Payload, Stat, Tier
+from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
 log = logging.getLogger(__name__)
@@ -359,6 +359,16 @@ class Composite:
                     break
                 self._trusted.append(tier)
         return self._trusted
+
+    def peek(self, digest: Digest) -> tuple[Tier, bytes] | None:
+        """A verified hit held in process memory, counted as a hit; None otherwise. The hot path:
+        no await, no timer, no breaker (a trusted local tier's memory cannot hang)."""
+        for tier in self._trusted_head():
+            blob = tier.peek(digest)
+            if isinstance(blob, BytesBlob):
+                self._count_hit(tier, blob.size)
+                return tier, blob.data
+        return None
 
     async def _open_trusted(self, digest: Digest) -> Opened | None:
         trusted = self._trusted_head()
