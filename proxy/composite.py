@@ -366,7 +366,7 @@ class Composite:
         for tier in self._trusted_head():
             blob = tier.peek(digest)
             if isinstance(blob, BytesBlob):
-                self._count_hit(tier, blob.size)
+                self._count_hit(tier, len(blob.data))
                 return tier, blob.data
         return None
 
