@@ -1,4 +1,4 @@
-"""Verification throughput: proxy.spool.Spool taking a blob in 1 MiB chunks (it hashes as it
+"""Verification throughput: proxy.store.spool.Spool taking a blob in 1 MiB chunks (it hashes as it
 writes, spilling to a temp file past its memory limit) against one hashlib call on the same bytes."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from harness import MiB, log
 
 from proxy.digest import Digest
-from proxy.spool import Spool
+from proxy.store.spool import Spool
 
 
 @dataclass

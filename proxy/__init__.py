@@ -4,7 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from proxy.composite import Composite
 from proxy.digest import Digest, digest_of
 from proxy.errors import (
     BadDigest,
@@ -15,6 +14,7 @@ from proxy.errors import (
     TierError,
     UpstreamFailed,
 )
+from proxy.store.composite import Composite
 from proxy.tier import Blob, Stat, Tier
 from proxy.tiers import APIOrigin, DiskTier, FsTier, GcsTier, HttpTier, S3Tier
 

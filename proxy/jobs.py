@@ -22,9 +22,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from proxy.composite import Composite
 from proxy.database import Database
 from proxy.errors import BadRequest, Conflict, NotFound
+from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferError, TransferSpec, UsageError
 
 log = logging.getLogger(__name__)

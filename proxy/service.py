@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from proxy.access import Access
 from proxy.bulk import BucketBulkData, SelfBulkData
-from proxy.composite import Composite
 from proxy.config import Config
-from proxy.negative import NegativeCache, UploadClock
 from proxy.replication import ReplicationQueue
+from proxy.store.composite import Composite
+from proxy.store.negative import NegativeCache, UploadClock
 from proxy.tickets import Signer, load_secret
 from proxy.tier import Tier
 from proxy.tiers import DiskTier, FsTier, GcsTier, S3Tier, build_tier

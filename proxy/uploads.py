@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy import metrics
-from proxy.composite import Composite
 from proxy.digest import Algorithm, Digest
 from proxy.errors import CorruptBlob, DigestMismatch, Forbidden, TierError, UpstreamFailed
 from proxy.replication import ReplicationQueue
-from proxy.spool import Spool
+from proxy.store.composite import Composite
+from proxy.store.spool import Spool
 from proxy.tier import Tier
 
 

@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy import breaker as breaker_module
-from proxy.breaker import Breaker
 from proxy.config import load_config
 from proxy.errors import ConfigError
 from proxy.service import build_store
+from proxy.store import breaker as breaker_module
+from proxy.store.breaker import Breaker
 from tests.conftest import ProxyFactory, Upstream, make_blob, write_config
 
 Client = TestClient[web.Request, web.Application]
@@ -207,7 +207,7 @@ def test_breaker_settings_are_read_checked_and_wired_into_the_store(tmp_path: Pa
 
 
 class Clock:
-    """Stands in for the time module inside proxy.breaker only."""
+    """Stands in for the time module inside proxy.store.breaker only."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -16,8 +16,8 @@ import pytest
 from proxy import APIOrigin, Composite, CorruptBlob, DiskTier, FsTier, NotFound, TierError, UpstreamFailed
 from proxy.digest import Digest
 from proxy.encoding import encode_bytes
-from proxy.negative import NegativeCache
-from proxy.spool import MemoryBudget, Spool
+from proxy.store.negative import NegativeCache
+from proxy.store.spool import MemoryBudget, Spool
 from proxy.tier import Blob, Tier
 from tests.conftest import make_blob, spool_files
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.errors import ConfigError
-from proxy.negative import NegativeCache
+from proxy.store.negative import NegativeCache
 from tests.conftest import ProxyFactory, Upstream, make_blob
 from tests.redis_server import RedisServer
 

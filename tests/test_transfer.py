@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from proxy.cli import main
-from proxy.composite import Composite
 from proxy.config import load_config
 from proxy.service import build_store
+from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferSpec, UsageError, default_into
 from proxy.transfer.locations import ByteBudget, parse_location
 from proxy.transfer.progress import ProgressView, status_line, summary_line

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy.composite import Composite
 from proxy.config import Config
 from proxy.digest import ALGORITHMS
 from proxy.errors import BadDigest
@@ -16,6 +15,7 @@ from proxy.server.metrics import get_metrics, metrics_middleware
 from proxy.server.openapi import openapi
 from proxy.server.problems import problems_middleware
 from proxy.service import build_service
+from proxy.store.composite import Composite
 
 
 async def _not_a_digest(request: web.Request) -> web.StreamResponse:

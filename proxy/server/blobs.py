@@ -7,11 +7,11 @@ import json
 
 from aiohttp import web
 
-from proxy.composite import Composite, Fill, Opened
 from proxy.digest import Algorithm, Digest
 from proxy.errors import BadRequest
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.responses import SendfileResponse, etag_matches, parse_range, send_stream
+from proxy.store.composite import Composite, Fill, Opened
 from proxy.tier import Blob, BytesBlob, FileBlob, Tier
 
 MAX_MISSING_QUERY = 10_000

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.composite import Composite
 from proxy.config import Config
 from proxy.service import Service
+from proxy.store.composite import Composite
 
 CONFIG = web.AppKey("config", Config)
 SERVICE = web.AppKey("service", Service)

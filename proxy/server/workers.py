@@ -2,7 +2,7 @@
 
 Each worker is a whole server (its own event loop, tiers, memory hot cache) bound with
 SO_REUSEPORT, so the kernel spreads connections over them. They share what is on disk: the disk
-cache, its fill locks (proxy.interlock: one upstream fetch per hash for all of them), the
+cache, its fill locks (proxy.store.fill_locks: one upstream fetch per hash for all of them), the
 replication queue, and prometheus-client's multiprocess files, so any worker's /metrics reports
 them all. The parent only starts the workers, restarts one that dies, and stops them on SIGTERM
 or SIGINT.

@@ -26,7 +26,7 @@ import diskcache
 from proxy import metrics
 from proxy.digest import Digest
 from proxy.errors import BadDigest, ConfigError, TierError
-from proxy.spool import SPOOL_PREFIX
+from proxy.store.spool import SPOOL_PREFIX
 from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Role, Stat, Tier
 from proxy.units import SizeArg, parse_size
 
@@ -34,7 +34,7 @@ DEFAULT_SIZE_LIMIT = 10 << 30
 TOUCH_INTERVAL = 5.0  # seconds between writes of recent hits' access times
 log = logging.getLogger(__name__)
 SPOOL_DIR = "spool"  # temp files live inside the cache so a commit is a hard link, not a copy
-FILL_LOCKS = "fills.lock"  # see proxy.interlock
+FILL_LOCKS = "fills.lock"  # see proxy.store.fill_locks
 _SPOOL_LOCK = ".lock"
 _SPOOL_GRACE = 60.0  # seconds a new spool folder may go without its lock file (being created)
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from proxy.composite import Composite
+from proxy.store.composite import Composite
 from proxy.transfer.engine import Transfer, default_into
 from proxy.transfer.progress import MessageHandler, ProgressView
 from proxy.transfer.spec import TransferError, TransferSpec, UsageError

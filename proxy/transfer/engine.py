@@ -27,12 +27,12 @@ from typing import Any, BinaryIO, TypeVar
 
 import botocore.exceptions
 
-from proxy.composite import Composite, Opened
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import BadDigest, CorruptBlob, NotFound, ProxyError, TierError, UpstreamFailed
 from proxy.service import default_targets, state_dir
-from proxy.spool import MemoryBudget, Spool
+from proxy.store.composite import Composite, Opened
+from proxy.store.spool import MemoryBudget, Spool
 from proxy.tier import CHUNK_SIZE, BytesBlob, FileBlob, Tier
 from proxy.transfer.bucket import BucketSource, BucketTarget, error_code, make_client
 from proxy.transfer.checkpoint import Checkpoint

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import metrics
-from proxy.breaker import Breaker
 from proxy.digest import Digest
 from proxy.errors import ConfigError, CorruptBlob, NotFound, TierError, UpstreamFailed
-from proxy.interlock import FillLocks
-from proxy.negative import NegativeCache
-from proxy.spool import MemoryBudget, Spool, SpoolFailed
+from proxy.store.breaker import Breaker
+from proxy.store.fill_locks import FillLocks
+from proxy.store.negative import NegativeCache
+from proxy.store.spool import MemoryBudget, Spool, SpoolFailed
 from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
@@ -135,7 +135,7 @@ class Composite:
         self.negative = negative_cache or NegativeCache()
         self.coalesced = 0
         self._spool_dir = spool_dir
-        self._fill_locks: FillLocks | None = None  # from the first disk cache: see proxy.interlock
+        self._fill_locks: FillLocks | None = None  # from the first disk cache: see proxy.store.fill_locks
         self._spool_budget = MemoryBudget(spool_memory)
         self._breaker = (breaker_threshold, breaker_cooldown)
         self._fills: dict[Digest, Fill] = {}

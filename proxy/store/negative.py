@@ -19,8 +19,8 @@ from urllib.parse import urlparse, urlunparse
 from aiocache import Cache
 from aiocache.serializers import StringSerializer
 
-from proxy.breaker import Breaker
 from proxy.errors import ConfigError
+from proxy.store.breaker import Breaker
 
 log = logging.getLogger(__name__)
 _NAMESPACE = "casproxy:absent"  # Redis keys: casproxy:absent:<digest>
