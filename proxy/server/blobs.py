@@ -11,8 +11,8 @@ from proxy.digest import Algorithm, Digest
 from proxy.errors import BadRequest
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.responses import SendfileResponse, etag_matches, parse_range, send_stream
-from proxy.store.composite import Composite, Fill, Opened
-from proxy.tier import Blob, BytesBlob, FileBlob, Tier
+from proxy.store.composite import Composite
+from proxy.tier import Blob, BytesBlob, FileBlob
 
 MAX_MISSING_QUERY = 10_000
 _MISSING_CONCURRENCY = 32
@@ -54,12 +54,20 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if response is not None:
             return response
     opened = await store.open(digest)
-    if opened.blob is not None:
-        return await _send_blob(request, opened.blob, _headers(digest, opened.tier, opened.hit))
     try:
-        return await _send_fill(request, opened)
+        # Up to stream_threshold a blob is verified before the first byte; a larger one still
+        # arriving is streamed as it comes, and the connection is cut if it fails.
+        threshold = request.app[CONFIG].server.stream_threshold
+        if "Range" not in request.headers and request.method == "GET" and await opened.streams_past(threshold):
+            response = web.StreamResponse(headers=_headers(digest, opened.tier, opened.hit))
+            if opened.size is not None:
+                response.content_length = opened.size
+            return await send_stream(request, response, opened.chunks())
+        blob = await opened.verified()
+        headers = _headers(digest, opened.tier, opened.hit)
     finally:
         await opened.close()
+    return await _send_blob(request, blob, headers)
 
 
 async def _head(request: web.Request, store: Composite, digest: Digest) -> web.StreamResponse | None:
@@ -106,41 +114,6 @@ async def _send_blob(request: web.Request, blob: Blob, headers: dict[str, str]) 
     if span is not None:
         response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
     return response
-
-
-async def _send_fill(request: web.Request, opened: Opened) -> web.StreamResponse:
-    """A blob still arriving from a tier. Up to stream_threshold it is verified before the
-    first byte; a larger one is streamed as it arrives and the connection is cut if it fails."""
-    fill = opened.fill
-    assert fill is not None
-    threshold = request.app[CONFIG].server.stream_threshold
-    ranged = "Range" in request.headers
-    if not ranged and request.method == "GET" and await _worth_streaming(fill, threshold):
-        assert fill.tier is not None
-        response = web.StreamResponse(headers=_headers(opened.digest, fill.tier.name, fill.tier.role == "cache"))
-        if fill.expected_size is not None:
-            response.content_length = fill.expected_size
-        store = request.app[STORE]
-        return await send_stream(request, response, store.follow(fill))
-    spool = await fill.verified()
-    tier: Tier | None = fill.tier
-    assert tier is not None
-    try:
-        data = spool.data
-        file = spool.open() if data is None else None
-        blob: Blob = BytesBlob(data) if data is not None else FileBlob(file, spool.size)  # type: ignore[arg-type]
-    finally:
-        spool.release()  # an open file keeps the bytes readable
-    return await _send_blob(request, blob, _headers(opened.digest, tier.name, tier.role == "cache"))
-
-
-async def _worth_streaming(fill: Fill, threshold: int) -> bool:
-    if fill.expected_size is not None:
-        return fill.expected_size > threshold
-    spool = fill.spool
-    assert spool is not None
-    await spool.wait_for_size(threshold + 1)  # unknown size: see whether it proves large
-    return spool.size > threshold and spool.failed is None and not spool.verified
 
 
 async def post_missing(request: web.Request) -> web.Response:

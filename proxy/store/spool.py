@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from proxy.digest import Algorithm, Digest
 from proxy.errors import CorruptBlob, TooLarge
-from proxy.tier import CHUNK_SIZE
+from proxy.tier import CHUNK_SIZE, Blob, BytesBlob, FileBlob
 
 SPOOL_PREFIX = "spool-"
 
@@ -193,6 +193,17 @@ class Spool:
     def data(self) -> bytes | None:
         """The whole verified blob when it stayed in memory, else None (it is in ``path``)."""
         return self._frozen
+
+    def blob(self) -> Blob:
+        """The verified bytes as a whole blob with its own handle: it stays readable after the
+        spool is released (an open file outlives its unlink)."""
+        if not self.verified:
+            raise RuntimeError("only a verified spool is a blob")
+        if self._frozen is not None:
+            return BytesBlob(self._frozen)
+        file = self.open()
+        assert file is not None
+        return FileBlob(file, self.size)
 
     def open(self) -> BinaryIO | None:
         """A private read handle on the spilled file; valid while a reference is held."""

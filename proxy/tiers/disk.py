@@ -135,6 +135,7 @@ class DiskTier(Tier):
         self.role = role
         self.timeout = timeout
         self.path = os.path.abspath(path)
+        self.state_dir = self.path
         # Every process (worker) spools into its own folder, so one starting cannot clear
         # another's writes in progress.
         self.spool_root = os.path.join(self.path, SPOOL_DIR)

@@ -31,9 +31,10 @@ from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import BadDigest, CorruptBlob, NotFound, ProxyError, TierError, UpstreamFailed
 from proxy.service import default_targets, state_dir
-from proxy.store.composite import Composite, Opened
+from proxy.store.composite import Composite
+from proxy.store.opened import Opened
 from proxy.store.spool import MemoryBudget, Spool
-from proxy.tier import CHUNK_SIZE, BytesBlob, FileBlob, Tier
+from proxy.tier import CHUNK_SIZE, Blob, Tier
 from proxy.transfer.bucket import BucketSource, BucketTarget, error_code, make_client
 from proxy.transfer.checkpoint import Checkpoint
 from proxy.transfer.locations import (
@@ -479,47 +480,29 @@ class StoreBlob:
     store holds its last byte back until the whole copy is verified), or, with ``whole``, waited
     for until verified, for targets that cannot take back what they wrote."""
 
-    def __init__(self, store: Composite, opened: Opened, size: int, spool: Spool | None = None) -> None:
-        self.store = store
+    def __init__(self, opened: Opened, size: int, whole: Blob | None = None) -> None:
         self.opened = opened
         self.size = size
-        self._spool = spool
+        self._whole = whole  # the verified blob, when waited for
 
     @classmethod
     async def open(cls, store: Composite, digest: Digest, *, whole: bool) -> StoreBlob:
         opened = await store.open(digest)
         try:
-            if opened.blob is not None:
-                if opened.blob.size is None:
-                    raise UpstreamFailed(f"{opened.tier} does not know the size of {digest}")
-                return cls(store, opened, opened.blob.size)
-            assert opened.fill is not None
-            if whole or opened.size is None:
-                spool = await opened.fill.verified()
-                return cls(store, opened, spool.size, spool)
-            return cls(store, opened, opened.size)
+            if not whole and opened.size is not None:
+                return cls(opened, opened.size)
+            blob = await opened.verified()
+            if blob.size is None:
+                await blob.close()
+                raise UpstreamFailed(f"{opened.tier} does not know the size of {digest}")
+            return cls(opened, blob.size, blob)
         except BaseException:
             await opened.close()
             raise
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        spool = self._spool
-        if spool is not None:
-            file = spool.open()
-            blob = BytesBlob(spool.data or b"") if file is None else FileBlob(file, spool.size)
-            try:
-                async for chunk in blob.chunks():
-                    yield chunk
-            finally:
-                await blob.close()
-            return
-        if self.opened.blob is not None:
-            async for chunk in self.opened.blob.chunks():
-                yield chunk
-            return
-        assert self.opened.fill is not None
         try:
-            async for chunk in self.store.follow(self.opened.fill):
+            async for chunk in self._whole.chunks() if self._whole is not None else self.opened.chunks():
                 yield chunk
         except UpstreamFailed as error:
             if _caused_by(error, CorruptBlob):
@@ -527,9 +510,9 @@ class StoreBlob:
             raise
 
     async def close(self) -> None:
-        if self._spool is not None:
-            self._spool.release()
-            self._spool = None
+        if self._whole is not None:
+            await self._whole.close()
+            self._whole = None
         await self.opened.close()
 
 

@@ -1,0 +1,289 @@
+"""Fills: one walk over the untrusted tiers per digest, shared by every request that wants it.
+
+A fill is its own task, so a client that disconnects does not cancel it. It streams a tier's copy
+into a Spool while hashing it, skips copies that do not verify, and writes the good one into the
+cache tiers before the one that had it. Across processes sharing a disk cache, the fill locks
+make the others wait for this one and then find the blob cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from proxy import metrics
+from proxy.digest import Digest
+from proxy.errors import NotFound, TierError, UpstreamFailed
+from proxy.store.fill_locks import FillLocks
+from proxy.store.negative import NegativeCache
+from proxy.store.spool import MemoryBudget, Spool, SpoolFailed
+from proxy.store.walk import Skipped, Walk
+from proxy.tier import Tier
+
+log = logging.getLogger(__name__)
+SPOOL_MEMORY_ITEM = 16 << 20  # a larger blob is spooled to a file even when memory is free
+SPOOL_DIR = "spool"  # in the state folder: temp files next to the cache, so a commit is a hard link
+FILL_LOCKS = "fills.lock"  # in the state folder: see proxy.store.fill_locks
+
+
+class InTrustedTier(Exception):
+    """The fill found the blob already in a trusted cache tier; read it from there."""
+
+
+@dataclass(eq=False)
+class Fill:
+    """One walk for one digest. The fill holds a reference on the copy arriving now, and on the
+    verified one until the last attached request detaches, so a request can always pick up the
+    copy it waited for."""
+
+    digest: Digest
+    cache: bool = True  # write the copy into the cache tiers (any attached request may ask)
+    spool: Spool | None = None  # the copy now arriving (replaced if it fails to verify)
+    tier: Tier | None = None
+    expected_size: int | None = None
+    attached: int = 0
+    finished: bool = False
+    result: asyncio.Future[Spool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def attach(self) -> None:
+        self.attached += 1
+
+    def detach(self) -> None:
+        self.attached -= 1
+        self._release_if_unused()
+
+    def finish(self) -> None:
+        self.finished = True
+        self.started.set()
+        self._release_if_unused()
+
+    def _release_if_unused(self) -> None:
+        if self.finished and self.attached == 0 and self.spool is not None:
+            spool, self.spool = self.spool, None
+            spool.release()
+
+    async def verified_spool(self) -> Spool:
+        """The verified copy, with a reference the caller must release; raises NotFound or
+        UpstreamFailed when no tier had a good copy. Only for attached callers."""
+        spool = await asyncio.shield(self.result)
+        return spool.acquire()
+
+    async def follow(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Tail the copy arriving now; raise UpstreamFailed if it turns out bad."""
+        spool = self.spool
+        assert spool is not None, "follow() is for attached requests, which keep the spool"
+        spool.acquire()
+        try:
+            async for chunk in spool.chunks(start, end):
+                yield chunk
+        except SpoolFailed as error:
+            raise UpstreamFailed(f"{self.tier.name if self.tier else '?'}: {error}") from error
+        finally:
+            spool.release()
+
+
+class Fills:
+    """The fills in flight in this process, by digest."""
+
+    def __init__(self, walk: Walk, negative: NegativeCache, spool_memory: int) -> None:
+        self.walk = walk
+        self.negative = negative
+        self.spool_dir: str | None = None
+        self.locks: FillLocks | None = None
+        self.coalesced = 0
+        self._budget = MemoryBudget(spool_memory)
+        self._fills: dict[Digest, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def use_state_dir(self, state_dir: str) -> None:
+        """Spool into, and lock fills through, a tier's private folder (the first one offered)."""
+        if self.spool_dir is None:
+            self.spool_dir = os.path.join(state_dir, SPOOL_DIR, str(os.getpid()))
+        if self.locks is None:
+            self.locks = FillLocks(os.path.join(state_dir, FILL_LOCKS))
+
+    async def join(self, digest: Digest, *, cache: bool = True) -> Fill:
+        """Attach to the digest's fill, started if none runs, once its copy starts arriving.
+        Raises NotFound or UpstreamFailed (nothing attached), or InTrustedTier."""
+        fill = self._fills.get(digest)
+        if fill is None and await self.remembered_absent(digest):
+            raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
+        fill = fill or self._fills.get(digest)  # another request may have started one meanwhile
+        if fill is None:
+            fill = self._start(digest)
+        else:
+            self.coalesced += 1
+            metrics.COALESCED.labels("process").inc()
+        fill.cache |= cache
+        fill.attach()
+        try:
+            await fill.started.wait()
+            if fill.spool is None:  # the walk ended without a copy: this raises why
+                await asyncio.shield(fill.result)
+        except BaseException:
+            fill.detach()
+            raise
+        return fill
+
+    def running(self, digest: Digest) -> bool:
+        return digest in self._fills
+
+    async def remembered_absent(self, digest: Digest) -> bool:
+        if await self.negative.contains(digest):
+            metrics.NEGATIVE_HITS.inc()
+            return True
+        return False
+
+    async def nothing_found(self, digest: Digest, errors: list[str], began: int) -> None:
+        """Raise why a walk that began at ``began`` found nothing, remembering a plain miss."""
+        if errors:
+            raise UpstreamFailed(f"{digest} not found; failing tiers: " + "; ".join(errors))
+        await self.negative.add(digest, began)
+        raise NotFound(f"{digest} was found in no tier")
+
+    async def wait_idle(self) -> None:
+        """Wait until every fill in flight has finished writing the caches."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.locks is not None:
+            self.locks.close()
+
+    def _start(self, digest: Digest) -> Fill:
+        fill = Fill(digest)
+        self._fills[digest] = fill
+        # The fill is its own task: a client that disconnects does not cancel it.
+        task = asyncio.get_running_loop().create_task(self._run(fill), name=f"fill-{digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def _run(self, fill: Fill) -> None:
+        digest = fill.digest
+        tiers = self.walk.tiers
+        trusted = self.walk.trusted_head()
+        began = self.negative.now()
+        errors: list[str] = []
+        try:
+            async with self._exclusive(digest) as waited:
+                # A fill that finished just before this one (here or in another process that
+                # shares the disk cache) may have cached it already.
+                for tier in trusted:
+                    with contextlib.suppress(Skipped):
+                        if await self.walk.ask(tier, tier.stat(digest)) is not None:
+                            fill.result.set_exception(InTrustedTier())
+                            return
+                if waited and await self.remembered_absent(digest):
+                    raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
+                for index in range(len(trusted), len(tiers)):
+                    spool = await self._fetch_from(fill, tiers[index], errors)
+                    if spool is not None:
+                        fill.result.set_result(spool)
+                        if fill.cache:
+                            await self._fill_caches(digest, spool, tiers[:index])
+                        return
+                await self.nothing_found(digest, errors, began)
+        except BaseException as error:
+            if not fill.result.done():
+                fill.result.set_exception(error)
+            fill.result.exception()  # mark retrieved: nobody may be waiting
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            if self._fills.get(digest) is fill:
+                del self._fills[digest]
+            fill.finish()
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, digest: Digest) -> AsyncIterator[bool]:
+        """One fill per digest across the processes sharing the disk cache; yields True if
+        this one waited for another process's fill (which has cached the blob, or failed)."""
+        if self.locks is None or not self.walk.trusted_head():
+            yield False
+            return
+        async with self.locks.hold(digest) as waited:
+            if waited:
+                metrics.COALESCED.labels("workers").inc()
+            yield waited
+
+    async def _fetch_from(self, fill: Fill, tier: Tier, errors: list[str]) -> Spool | None:
+        """Stream one tier's copy into a new spool; the spool if it verified, else None."""
+        try:
+            # A tier that sends headers and then corrupt or cut-off bodies must still trip.
+            blob = await self.walk.ask(tier, tier.open(fill.digest), errors, settled=False)
+        except Skipped:
+            return None
+        if blob is None:
+            self.walk.succeeded(tier)
+            self.walk.meters[tier.name].miss()
+            return None
+        if fill.spool is not None:
+            fill.spool.release()
+        spool = Spool(fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, budget=self._budget)
+        fill.spool, fill.tier, fill.expected_size = spool, tier, blob.size
+        fill.started.set()
+        try:
+            async for chunk in _read_ahead(blob.chunks(), tier.timeout):
+                await spool.write(chunk)
+            if blob.size is not None and spool.received != blob.size:
+                raise TierError(f"{tier.name}: sent {spool.received} of {blob.size} bytes")
+            await spool.finish()
+        except (TierError, OSError, TimeoutError) as error:
+            spool.fail(error)
+            self.walk.failed(tier, error, errors)
+            return None
+        except BaseException as error:
+            spool.fail(error)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await blob.close()
+        self.walk.succeeded(tier)
+        self.walk.meters[tier.name].hit(spool.size)
+        return spool
+
+    async def _fill_caches(self, digest: Digest, spool: Spool, before: list[Tier]) -> None:
+        """Copy a verified blob into the cache tiers before the one that had it. A failure
+        here is logged and counted, never passed on: the client already has good bytes."""
+        for tier in before:
+            if tier.role != "cache":
+                continue
+            try:
+                await tier.put(digest, spool)
+            except Exception as error:  # noqa: BLE001 - a cache write must never fail the request
+                self.walk.meters[tier.name].cache_write(ok=False)
+                log.warning("could not cache %s in %s: %r", digest, tier.name, error)
+            else:
+                self.walk.meters[tier.name].cache_write(ok=True)
+
+
+async def _read_ahead(chunks: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
+    """Fetch the next chunk while the caller hashes and stores this one. Each chunk must come
+    within ``idle`` seconds: a stalled upstream costs at most that."""
+    source = aiter(chunks)
+
+    async def next_chunk() -> bytes | None:
+        async with asyncio.timeout(idle):
+            return await anext(source, None)
+
+    pending = asyncio.ensure_future(next_chunk())
+    try:
+        while (chunk := await pending) is not None:
+            pending = asyncio.ensure_future(next_chunk())
+            yield chunk
+    finally:
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
