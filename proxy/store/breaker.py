@@ -69,11 +69,3 @@ class Breaker:
             if self.opened_at is None:
                 self.trips += 1
             self.opened_at = time.monotonic()
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "failures": self.failures,
-            "retry_in": round(self.retry_in, 3),
-            "trips": self.trips,
-        }

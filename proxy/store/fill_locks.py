@@ -21,7 +21,6 @@ _POLL_FIRST, _POLL_MAX = 0.002, 0.05  # seconds: waiting is polling, so it can b
 class FillLocks:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.waits = 0  # fills that found another process fetching the same digest
         self._fd: int | None = None
         # POSIX locks belong to the process, not to a holder: two digests of this process
         # on the same offset share the lock, and only the last one to finish releases it.
@@ -53,7 +52,6 @@ class FillLocks:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _POLL_MAX)
         self._held[offset] = self._held.get(offset, 0) + 1
-        self.waits += waited
         try:
             yield waited
         finally:

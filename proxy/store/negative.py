@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import time
 from typing import Any
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 _NAMESPACE = "casproxy:absent"  # Redis keys: casproxy:absent:<digest>
 _BACKEND_TIMEOUT = 0.25  # seconds: far below any upstream round trip, so a sick Redis costs little
 _BACKEND_RETRY = 2.0  # seconds to leave a failed backend alone before one call tries it again
+_CLOCK_SIZE = 8  # bytes: one native unsigned 64-bit integer
 _MAX_UNSENT = 10_000  # clears kept for resending; past that, entries expire by their TTL
 
 
@@ -34,30 +36,47 @@ class UploadClock:
 
     A memory negative cache is private to its process: an upload answered by another worker (or
     a ``casproxy import``) clears only that process's entry. So every store moves this shared
-    clock forward, and a private entry counts only if its walk began after the last store."""
+    clock forward, and a private entry counts only if its walk began after the last store.
+
+    The clock is 8 bytes of a file mapped shared into every process: reading it is one aligned
+    memory load (never torn, no syscall), cheap enough for every negative-cache lookup.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._value: memoryview | None = None  # the mapped 8 bytes as one unsigned 64-bit int
 
-    def _open(self) -> int:
-        if self._fd is None:
+    def _open(self) -> memoryview:
+        if self._value is None:
+            # Once per process (the folder may only exist once the disk tier has started).
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        return self._fd
+            if os.fstat(self._fd).st_size < _CLOCK_SIZE:
+                os.ftruncate(self._fd, _CLOCK_SIZE)  # zeros; never shrinks a clock in use
+            self._map = mmap.mmap(self._fd, _CLOCK_SIZE)
+            self._value = memoryview(self._map).cast("Q")
+        return self._value
 
     def last(self) -> int:
-        data = os.pread(self._open(), 8, 0)  # one aligned 8-byte read: never torn
-        return int.from_bytes(data, "little") if len(data) == 8 else 0
+        return int(self._open()[0])
 
     def advance(self) -> None:
-        fd = self._open()
-        fcntl.lockf(fd, fcntl.LOCK_EX)  # read-modify-write: the clock never goes back
+        value = self._open()
+        assert self._fd is not None
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)  # read-modify-write: the clock never goes back
         try:
-            os.pwrite(fd, max(self.last(), time.time_ns()).to_bytes(8, "little"), 0)
+            value[0] = max(value[0], time.time_ns())
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        if self._value is not None:
+            self._value.release()
+            self._value = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -15,11 +15,14 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
+from proxy.blocking import run
 from proxy.digest import Algorithm, Digest
 from proxy.errors import CorruptBlob, TooLarge
 from proxy.tier import CHUNK_SIZE, Blob, BytesBlob, FileBlob
 
 SPOOL_PREFIX = "spool-"
+# Bytes hashed on the loop at most at once (~0.1 ms of SHA-1); more go to the executor.
+HASH_INLINE_MAX = 256 << 10
 
 
 class MemoryBudget:
@@ -75,6 +78,9 @@ class Spool:
         self._memory: bytearray | None = bytearray()
         self._frozen: bytes | None = None  # the verified bytes, when they stayed in memory
         self._pending = bytearray()  # received, not yet hashed and written to the file
+        # Kept in memory, not yet hashed: hashed in blocks in the executor, off the loop.
+        self._unhashed: list[bytes] = []
+        self._unhashed_size = 0
         self._fd: int | None = None
         self._refs = 1  # the writer's
         self._changed = asyncio.Event()
@@ -86,10 +92,13 @@ class Spool:
         if self._max_size is not None and received > self._max_size:
             raise TooLarge(f"more than {self._max_size} bytes")
         if self._memory is not None and received <= self._memory_limit and self._reserve(len(chunk)):
-            self._hasher.update(chunk)
             self._memory += chunk
             self.size += len(chunk)
             self._notify()
+            self._unhashed.append(chunk)
+            self._unhashed_size += len(chunk)
+            if self._unhashed_size >= HASH_INLINE_MAX:
+                await self._hash_unhashed()
             return
         # Network bodies arrive in small pieces: gather a block before each hop to the executor.
         # (A large chunk with nothing pending goes as it is: no copy.)
@@ -105,7 +114,16 @@ class Spool:
         """Bytes written so far, including those not yet visible to readers."""
         return self.size + len(self._pending)
 
+    async def _hash_unhashed(self) -> None:
+        chunks, self._unhashed, size, self._unhashed_size = self._unhashed, [], self._unhashed_size, 0
+        if size < HASH_INLINE_MAX:
+            for chunk in chunks:  # a small blob's last bytes: cheaper than the hop to a thread
+                self._hasher.update(chunk)
+        else:
+            await run(_update_all, self._hasher, chunks)
+
     async def _flush(self, block: bytes | bytearray | None = None) -> None:
+        await self._hash_unhashed()  # the bytes kept in memory so far come first
         if block is None:
             block, self._pending = self._pending, bytearray()  # hand the buffer over, no copy
         loop = asyncio.get_running_loop()
@@ -134,6 +152,7 @@ class Spool:
         """Check the digest: verified on a match, otherwise the spool fails with CorruptBlob."""
         if self._pending:
             await self._flush()
+        await self._hash_unhashed()
         actual = Digest(self._hasher.hexdigest())
         if self.expected is not None and actual != self.expected:
             error = CorruptBlob(f"bytes hash to {actual}, not {self.expected}")
@@ -244,6 +263,11 @@ class Spool:
                 return
             else:
                 await self._changed.wait()
+
+
+def _update_all(hasher: hashlib._Hash, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        hasher.update(chunk)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
