@@ -41,7 +41,7 @@ class Fill:
     copy it waited for."""
 
     digest: Digest
-    cache: bool = True  # write the copy into the cache tiers (any attached request may ask)
+    cache: bool  # write the copy into the cache tiers (any request that joins may ask for it)
     spool: Spool | None = None  # the copy now arriving (replaced if it fails to verify)
     tier: Tier | None = None
     expected_size: int | None = None
@@ -118,7 +118,7 @@ class Fills:
             raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
         fill = fill or self._fills.get(digest)  # another request may have started one meanwhile
         if fill is None:
-            fill = self._start(digest)
+            fill = self._start(digest, cache)
         else:
             self.coalesced += 1
             metrics.COALESCED.labels("process").inc()
@@ -161,8 +161,8 @@ class Fills:
         if self.locks is not None:
             self.locks.close()
 
-    def _start(self, digest: Digest) -> Fill:
-        fill = Fill(digest)
+    def _start(self, digest: Digest, cache: bool) -> Fill:
+        fill = Fill(digest, cache)
         self._fills[digest] = fill
         # The fill is its own task: a client that disconnects does not cancel it.
         task = asyncio.get_running_loop().create_task(self._run(fill), name=f"fill-{digest}")

@@ -1,0 +1,97 @@
+"""The spool: in memory while small, in a file when large, tailed by readers while it grows,
+and failed (for every reader) when its bytes turn out wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import CorruptBlob
+from proxy.store.spool import HASH_INLINE_MAX, MemoryBudget, Spool, SpoolFailed
+from proxy.tier import BytesBlob, FileBlob
+from tests.fakes import digest_of
+from tests.test_store_fills import until
+
+
+async def test_a_small_blob_stays_in_memory() -> None:
+    data = b"small" * 100
+    spool = Spool(digest_of(data), memory_limit=1 << 20)
+    await spool.write(data)
+    await spool.finish()
+    assert (spool.verified, spool.data, spool.path) == (True, data, None)
+    blob = spool.blob()
+    assert isinstance(blob, BytesBlob)
+    assert await blob.read() == data
+    spool.release()
+
+
+async def test_a_large_blob_in_memory_is_hashed_in_blocks_and_verifies() -> None:
+    data = os.urandom(3 * HASH_INLINE_MAX + 17)
+    spool = Spool(digest_of(data), memory_limit=len(data))
+    for offset in range(0, len(data), 64 << 10):
+        await spool.write(data[offset : offset + (64 << 10)])
+    await spool.finish()
+    assert spool.data == data
+    spool.release()
+
+
+async def test_a_blob_past_the_memory_limit_or_budget_goes_to_a_file_removed_on_release(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    budget = MemoryBudget(1000)
+    spool = Spool(digest_of(data), str(tmp_path), memory_limit=1 << 20, budget=budget)
+    for offset in range(0, len(data), 500):
+        await spool.write(data[offset : offset + 500])
+    await spool.finish()
+    assert spool.data is None and spool.path is not None
+    blob = spool.blob()
+    assert isinstance(blob, FileBlob)
+    spool.release()
+    assert list(tmp_path.iterdir()) == []
+    assert await blob.read() == data  # its own handle outlives the file's name
+    assert budget.used == 0
+
+
+async def test_a_reader_tails_the_spool_but_gets_the_last_byte_only_once_verified() -> None:
+    data = os.urandom(5000)
+    spool = Spool(digest_of(data), memory_limit=1 << 20)
+    received = bytearray()
+
+    async def read() -> None:
+        async for chunk in spool.chunks():
+            received.extend(chunk)
+
+    reader = asyncio.create_task(read())
+    await spool.write(data)
+    await until(lambda: len(received) == len(data) - 1)
+    assert not reader.done()
+    await spool.finish()
+    await reader
+    assert bytes(received) == data
+    spool.release()
+
+
+async def test_wrong_bytes_fail_the_spool_and_its_readers() -> None:
+    spool = Spool(digest_of(b"expected"), memory_limit=1 << 20)
+    failed = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for _ in spool.chunks():
+                pass
+        except SpoolFailed:
+            failed.set()
+            raise
+
+    reader = asyncio.create_task(read())
+    await spool.write(b"something else")
+    with pytest.raises(CorruptBlob):
+        await spool.finish()
+    with pytest.raises(SpoolFailed):
+        await reader
+    assert failed.is_set() and not spool.verified
+    with pytest.raises(RuntimeError):
+        spool.blob()
+    spool.release()
