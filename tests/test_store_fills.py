@@ -131,3 +131,14 @@ async def test_a_found_blob_reads_a_range_and_is_handed_over_once() -> None:
         async with await store.open(digest) as opened:
             blob = await opened.verified()
             assert await blob.read() == b"abcdefghij"
+
+
+async def test_a_verified_blob_names_the_tier_whose_copy_verified() -> None:
+    bad, good = MemoryTier("bad"), MemoryTier("good")
+    digest = bad.add(b"the right bytes")
+    good.add(b"the right bytes")
+    bad.behaviour = "corrupt"
+    async with Composite([bad, good]) as store, await store.open(digest) as opened:
+        blob = await opened.verified()
+        assert await blob.read() == b"the right bytes"
+        assert opened.tier == "good"
