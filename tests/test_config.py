@@ -44,7 +44,7 @@ def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     assert config.server.port == 9002  # env beats file
     assert config.server.host == "0.0.0.0"  # flag beats file; a flag left unset (None) changes nothing
     assert config.negative_cache.ttl == 120
-    assert config.tier("disk").options["size_limit"] == "1 GiB"
+    assert config.tier("disk").options["size_limit"] == 1 << 30
 
 
 def test_env_references_resolve_secrets(tmp_path: Path) -> None:
@@ -53,14 +53,14 @@ def test_env_references_resolve_secrets(tmp_path: Path) -> None:
         [{"name": "local", "kind": "fs", "path": str(tmp_path)}],
         auth={"upload_tokens": ["env:MY_TOKEN"], "ticket_secret": "env:MY_SECRET"},
     )
-    config = load_config(str(path), environ={"MY_TOKEN": "t0ken", "MY_SECRET": "s3cret"})
+    config = load_config(str(path), environ={"MY_TOKEN": "t0ken", "MY_SECRET": "s3cret-s3cret-s3cret"})
     assert config.auth.upload_tokens == ("t0ken",)
     shown = json.dumps(redacted(config))
-    assert "t0ken" not in shown and "s3cret" not in shown
+    assert "t0ken" not in shown and "s3cret-s3cret-s3cret" not in shown
     with pytest.raises(ConfigError, match=r"auth.upload_tokens\[0\].*MY_TOKEN"):
         load_config(str(path), environ={"MY_SECRET": "x"})
     with pytest.raises(ConfigError, match=r"auth.upload_tokens\[0\]: empty token"):
-        load_config(str(path), environ={"MY_TOKEN": "", "MY_SECRET": "x"})
+        load_config(str(path), environ={"MY_TOKEN": "", "MY_SECRET": "s3cret-s3cret-s3cret"})
 
 
 def test_check_config_masks_header_secrets_and_url_passwords(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_check_config_prints_resolved_config_and_fails_in_one_line(tmp_path: Pat
         tmp_path / "good.toml",
         [{"name": "local", "kind": "fs", "path": str(tmp_path)}],
         uploads={"targets": ["local"]},
-        auth={"ticket_secret": "hush"},
+        auth={"ticket_secret": "hush-hush-hush-hush"},
     )
     out = subprocess.run(
         [sys.executable, "-m", "proxy", "check-config", "-c", str(good)], capture_output=True, text=True, check=True
