@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the proxy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every config key, its default and its CASPROXY_* variable: casproxy config --defaults",
     )
     _config_flag(serve)

@@ -11,8 +11,8 @@ import stat
 
 from proxy.access import check_exposure
 from proxy.config import Config
-from proxy.tiers.kinds import TierConfig
 from proxy.errors import ConfigError
+from proxy.tiers.kinds import TierConfig
 
 
 def preflight(config: Config) -> None:
