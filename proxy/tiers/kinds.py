@@ -56,7 +56,6 @@ class _Objects(TierConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class DiskConfig(TierConfig):
-    role: Role = setting("cache", _ROLE)
     path: str = required("the cache folder, private to the proxy's user (created 0700)", folder=True)
     size_limit: Size = setting(10 << 30, "evict least recently used blobs above this much")
     min_free: Size = setting(0, "also evict while the filesystem has less free space than this")
