@@ -16,8 +16,8 @@ from proxy.tiers.kinds import TierConfig
 
 
 def preflight(config: Config) -> None:
+    _check_host(config)  # first: a host that does not resolve is not "reachable from other machines"
     check_exposure(config)
-    _check_host(config)
     targets = config.uploads.targets
     for index, tier in enumerate(config.tiers):
         for key in dataclasses.fields(tier):
