@@ -166,35 +166,45 @@ def load_config(
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
     raw.setdefault("tiers", [dict(tier) for tier in DEFAULT_TIERS])
-    _apply_env(raw, environ, source)
+    from_env = _apply_env(raw, environ, source)
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    return _build_config(_resolve_env_refs(raw, environ, source, ""), source)
+    try:
+        return _build_config(_resolve_env_refs(raw, environ, source, ""), source)
+    except ConfigError as error:  # a bad value from the environment: say which variable
+        key = str(error).split(":", 1)[0]
+        if key in from_env:
+            raise ConfigError(f"{error}, set by {from_env[key]}") from None
+        raise
 
 
-def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], source: str) -> None:
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], source: str) -> dict[str, str]:
     """CASPROXY_SERVER__PORT=9000 sets [server] port; CASPROXY_TIERS__DISK__PATH (by tier
-    name or index) sets a tier's key."""
+    name or index) sets a tier's key. Returns which variable set which key."""
+    keys: dict[str, str] = {}
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         parts = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         if parts[0] == "tiers" and len(parts) == 3:
-            tier = _find_tier(raw["tiers"], parts[1], name)
+            index, tier = _find_tier(raw["tiers"], parts[1], name)
             tier[parts[2]] = value
+            keys[f"tiers[{index}] ({tier.get('name')}).{parts[2]}"] = name
         elif len(parts) == 2:
             table = raw.setdefault(parts[0], {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{name}: [{parts[0]}] is not a table in {source}")
             table[parts[1]] = value
+            keys[f"{parts[0]}.{parts[1]}"] = name
         else:
             raise ConfigError(f"{name}: want CASPROXY_SECTION__KEY or CASPROXY_TIERS__NAME__KEY")
+    return keys
 
 
-def _find_tier(tiers: list[dict[str, Any]], ref: str, variable: str) -> dict[str, Any]:
+def _find_tier(tiers: list[dict[str, Any]], ref: str, variable: str) -> tuple[int, dict[str, Any]]:
     for index, tier in enumerate(tiers):
         if str(tier.get("name", "")).lower() == ref or str(index) == ref:
-            return tier
+            return index, tier
     raise ConfigError(f"{variable}: no tier named {ref!r}")
 
 

@@ -127,3 +127,52 @@ def test_the_readme_configuration_section_is_config_defaults() -> None:
 
 def test_serve_help_points_to_the_reference(tmp_path: Path) -> None:
     assert "casproxy config --defaults" in casproxy("serve", "--help", cwd=tmp_path).stdout
+
+
+def test_ctrl_c_while_a_command_loads_is_not_a_traceback(tmp_path: Path) -> None:
+    # Deterministic stand-in for Ctrl-C in the first second: the interrupt arrives while the
+    # command imports the config module.
+    code = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'proxy.config':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from proxy.cli import main\n"
+        "sys.exit(main(['check-config']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130 and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_a_cache_folder_of_another_user_is_named_as_such(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    (tmp_path / "cache").mkdir(mode=0o700)
+    os.chown(tmp_path / "cache", 12345, 12345)
+    out = casproxy("check-config", "-c", config, cwd=tmp_path)
+    assert out.returncode == 2 and "tiers[0] (disk).path:" in out.stderr
+    assert "belongs to another user (uid 12345)" in out.stderr and "writable by others" not in out.stderr
+
+
+def test_workers_on_port_0_share_the_one_real_port(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
+    command = [sys.executable, "-m", "proxy", "serve", "--port", "0", "--workers", "2", "-c", _config(tmp_path)]
+    server = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        ports: set[str] = set()
+        deadline = time.monotonic() + 120
+        serving = 0
+        while serving < 2 and time.monotonic() < deadline:
+            line = server.stderr.readline()
+            assert line, "the server ended before its workers said they serve"
+            found = re.search(r"worker \d serving on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                serving += 1
+                ports.add(found.group(1))
+        assert serving == 2 and len(ports) == 1 and ports != {"0"}
+    finally:
+        server.terminate()
+        server.wait(60)

@@ -132,3 +132,31 @@ def test_check_config_prints_resolved_config_and_fails_in_one_line(tmp_path: Pat
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "tiers[0] (local).x: unknown key" in out.stderr
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", [{"name": "disk", "kind": "disk", "path": str(tmp_path)}])
+    with pytest.raises(ConfigError, match=r"server\.port: .*whole number.*c\.toml.*set by CASPROXY_SERVER__PORT"):
+        load_config(str(path), environ={"CASPROXY_SERVER__PORT": "eighty"})
+    with pytest.raises(ConfigError, match=r"\(disk\)\.size_limit: .*set by CASPROXY_TIERS__DISK__SIZE_LIMIT"):
+        load_config(str(path), environ={"CASPROXY_TIERS__DISK__SIZE_LIMIT": "huge"})
+
+
+def test_new_keys_are_parsed_and_checked(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "c.toml",
+        [{"name": "local", "kind": "fs", "path": str(tmp_path), "min_rate": "1 MiB", "layout": "sharded"}],
+        server={"max_blob_size": "1 GiB", "metrics_port": 9100},
+        cors={"allow_origins": ["https://app.example.com"], "max_age": "1m"},
+        coalesce={"url": "redis://127.0.0.1:6379/0", "wait": "5s"},
+        jobs={"allow": ["s3://bucket/exports/", "/srv/exports/"]},
+    )
+    config = load_config(str(path), environ={})
+    assert (config.server.max_blob_size, config.server.metrics_port) == (1 << 30, 9100)
+    assert config.cors.allow_origins == ("https://app.example.com",) and config.cors.max_age == 60
+    assert config.coalesce.wait == 5 and config.jobs.allow == ("s3://bucket/exports/", "/srv/exports/")
+    assert config.tier("local").min_rate == 1 << 20 and config.tier("local").options["layout"] == "sharded"
+    with pytest.raises(ConfigError, match=r"server\.metrics_port: 70000 is not a port"):
+        load_config(str(path), environ={"CASPROXY_SERVER__METRICS_PORT": "70000"})
+    with pytest.raises(ConfigError, match=r"coalesce\.url: .*redis"):
+        load_config(str(path), environ={"CASPROXY_COALESCE__URL": "memcached://x"})
