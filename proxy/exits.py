@@ -4,9 +4,10 @@ traceback. Anything not listed here is a bug, and keeps its traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ConfigError, ProxyError, TierError
 
 FAILED = 1  # the work (or part of it) could not be done; running again may finish it
 MISTAKE = 2  # the command or the config is wrong; running again will not help
@@ -25,6 +26,9 @@ def report(error: BaseException, prefix: str = "casproxy") -> int:
     """Print ``error`` as one line and return the exit status; raise it again if it is a bug."""
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED
+    if isinstance(error, BrokenPipeError):  # `casproxy config | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return FAILED
     if isinstance(error, ConfigError):
         status, message = MISTAKE, f"config error: {error}"
     elif isinstance(error, UsageError):
@@ -33,6 +37,8 @@ def report(error: BaseException, prefix: str = "casproxy") -> int:
         status, message = FAILED, str(error)
     elif isinstance(error, ProxyError):  # a 4xx: what was asked is wrong; else it failed
         status, message = (MISTAKE if error.status < 500 else FAILED), error.detail
+    elif isinstance(error, TierError):  # e.g. cache stats or check against a broken tier
+        status, message = FAILED, str(error) or type(error).__name__
     elif isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
         status, message = FAILED, f"{where}{error.strerror or error}"
