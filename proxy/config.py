@@ -249,14 +249,8 @@ def _build_tier(table: Any, index: int, source: str) -> TierConfig:
         raise ConfigError(
             f"{where} ({table['name']}).kind: unknown kind {table['kind']!r}; one of {known} (in {source})"
         )
-    if "role" in table:  # checked first, so a bad role is reported as the table's, whatever the kind
-        schema.build(TierConfig, {"name": table["name"], "kind": table["kind"], "role": table["role"]}, where, source)
-    try:
-        config: TierConfig = schema.build(kind.config, table, f"{where} ({table['name']})", source)
-    except ConfigError as error:
-        if "unknown key" in str(error):
-            raise ConfigError(str(error).replace("unknown key", f"unknown key for kind {table['kind']!r}")) from None
-        raise
+    unknown = f"unknown key for kind {table['kind']!r}"
+    config: TierConfig = schema.build(kind.config, table, f"{where} ({table['name']})", source, unknown=unknown)
     return config
 
 
@@ -332,21 +326,16 @@ def reference() -> str:
         env = f"{ENV_PREFIX}TIERS__{table['name'].upper()}"
         lines += ["", f"# kind {table['kind']!r}: {kind.meaning}", "[[tiers]]"]
         lines += schema.reference(kind.config, env, values=built)
+    # the other kinds: their own keys, and the common ones they give another default
+    common = {key.name: key.default for key in dataclasses.fields(TierConfig) if key.name not in ("name", "kind")}
     for name, kind in KINDS.items():
         if name in {table["kind"] for table in DEFAULT_TIERS}:
             continue
-        # the keys of this kind, and the common ones it gives another default
-        common = {key.name for key in dataclasses.fields(TierConfig) if key.name not in ("name", "kind")}
-        same = {key.name for key in dataclasses.fields(kind.config) if key.name in common and _same_default(key)}
+        same = {key.name for key in dataclasses.fields(kind.config) if common.get(key.name, key) == key.default}
         env = f"{ENV_PREFIX}TIERS__<NAME>"
         lines += ["", f"# kind {name!r}: {kind.meaning}", "# [[tiers]]", f'# kind = "{name}"']
         lines += schema.reference(kind.config, env, commented=True, skip={"kind", *same})
     return "\n".join(lines) + "\n"
-
-
-def _same_default(key: dataclasses.Field[Any]) -> bool:
-    base = {common.name: common for common in dataclasses.fields(TierConfig)}[key.name]
-    return bool(base.default == key.default)
 
 
 _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")

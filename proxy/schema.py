@@ -38,14 +38,14 @@ def is_required(key: dataclasses.Field[Any]) -> bool:
     return key.default is dataclasses.MISSING and key.default_factory is dataclasses.MISSING
 
 
-def build(cls: type[Any], table: Any, where: str, source: str) -> Any:
+def build(cls: type[Any], table: Any, where: str, source: str, unknown: str = "unknown key") -> Any:
     """An instance of ``cls`` from a TOML table, every key converted and checked."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table (in {source})")
     fields = {toml_name(key): key for key in keys(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (in {source})")
+    strangers = sorted(set(table) - set(fields))
+    if strangers:
+        raise ConfigError(f"{where}.{strangers[0]}: {unknown} (in {source})")
     hints = typing.get_type_hints(cls, include_extras=True)
     values = {}
     for name, key in fields.items():

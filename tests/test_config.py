@@ -95,7 +95,7 @@ def test_check_config_masks_header_secrets_and_url_passwords(tmp_path: Path) -> 
         ({}, [{"name": "x", "kind": "fs"}], r"tiers\[0\] \(x\)\.path: required"),
         ({}, [{"name": "x", "kind": "fs", "path": "/tmp", "colour": "red"}], r"\.colour: unknown key for kind 'fs'"),
         ({}, [{"name": "x", "kind": "disk", "path": "/tmp", "size_limit": "big"}], r"\.size_limit: .*not a size"),
-        ({}, [{"name": "x", "kind": "fs", "path": "/tmp", "role": "boss"}], r"tiers\[0\]\.role: .*one of"),
+        ({}, [{"name": "x", "kind": "fs", "path": "/tmp", "role": "boss"}], r"tiers\[0\] \(x\)\.role: .*one of"),
         ({"uploads": {"targets": ["nowhere"]}}, [{"name": "x", "kind": "fs", "path": "/tmp"}], r"no tier named"),
         ({}, [{"name": "x", "kind": "fs", "path": "/a"}, {"name": "x", "kind": "fs", "path": "/b"}], r"two tiers"),
     ],
