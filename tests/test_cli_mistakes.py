@@ -86,19 +86,22 @@ def test_a_folder_that_cannot_be_created_names_the_tier_and_key(tmp_path: Path) 
 
 def test_serve_says_serving_on_the_real_port_once_it_answers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
-    command = [sys.executable, "-m", "proxy", "serve", "--port", "0", "-c", _config(tmp_path)]
+    command = [sys.executable, "-m", "proxy", "serve", "--port", "0"]  # no config file here
     server = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stderr is not None
         deadline = time.monotonic() + 60
-        line = ""
-        while "serving on" not in line and time.monotonic() < deadline:
-            line = server.stderr.readline()
-            assert line, "the server ended before saying it serves"
-        found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
-        assert found and found.group(1) != "0", line
+        said: list[str] = []
+        while not said or "serving on" not in said[-1]:
+            assert time.monotonic() < deadline
+            said.append(server.stderr.readline())
+            assert said[-1], f"the server ended before saying it serves: {said}"
+        found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", said[-1])
+        assert found and found.group(1) != "0", said[-1]
         with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/healthz", timeout=10) as answer:
             assert answer.status == 200
+        told = "".join(said[:-1])
+        assert "built-in defaults" in told and str(tmp_path / "data" / "cache") in told
     finally:
         server.terminate()
         server.wait(30)
