@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,22 @@ def test_new_keys_are_parsed_and_checked(tmp_path: Path) -> None:
         load_config(str(path), environ={"CASPROXY_SERVER__METRICS_PORT": "70000"})
     with pytest.raises(ConfigError, match=r"coalesce\.url: .*redis"):
         load_config(str(path), environ={"CASPROXY_COALESCE__URL": "memcached://x"})
+
+
+@pytest.mark.parametrize("kind", ["disk", "fs", "s3", "gcs", "http"])
+def test_a_kinds_schema_defaults_are_its_constructors(kind: str) -> None:
+    """The library (constructors) and the config (schema) agree on every default they share."""
+    import dataclasses
+    import inspect
+
+    from proxy.schema import convert
+    from proxy.tiers.kinds import KINDS
+
+    schema = KINDS[kind].config
+    hints = typing.get_type_hints(schema, include_extras=True)
+    parameters = inspect.signature(KINDS[kind].load().__init__).parameters
+    for key in dataclasses.fields(schema):
+        if key.name in parameters and key.name not in ("role", "name") and key.default is not dataclasses.MISSING:
+            default = parameters[key.name].default
+            expected = default if default is None else convert(default, hints[key.name])
+            assert key.default == expected, key.name
