@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-import typing
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from proxy.config import load_config, redacted
 from proxy.errors import ConfigError
+from proxy.schema import convert
+from proxy.tiers.kinds import KINDS
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,12 +170,6 @@ def test_new_keys_are_parsed_and_checked(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["disk", "fs", "s3", "gcs", "http"])
 def test_a_kinds_schema_defaults_are_its_constructors(kind: str) -> None:
     """The library (constructors) and the config (schema) agree on every default they share."""
-    import dataclasses
-    import inspect
-
-    from proxy.schema import convert
-    from proxy.tiers.kinds import KINDS
-
     schema = KINDS[kind].config
     hints = typing.get_type_hints(schema, include_extras=True)
     parameters = inspect.signature(KINDS[kind].load().__init__).parameters
