@@ -1,4 +1,6 @@
-"""The ``casproxy`` command. User mistakes end in one line on stderr and a non-zero exit."""
+"""The ``casproxy`` command. User mistakes end in one line on stderr and a non-zero exit
+(proxy.exits). Only the standard library is imported before a command runs, so ``--version``
+and ``--help`` are quick and Ctrl-C while a command's imports load is not a traceback."""
 
 from __future__ import annotations
 
@@ -11,39 +13,56 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TextIO, TypeVar
+from urllib.parse import urlsplit
 
-import aiohttp
-
-from proxy import __version__
-from proxy.client import DEFAULT_URL, AsyncClient, Ticket
-from proxy.config import Config, load_config, redacted
-from proxy.errors import BadRequest, ConfigError, Forbidden, ProxyError, Unauthorized
+from proxy import __version__, exits
 from proxy.transfer import cli as transfer_cli
 from proxy.units import parse_duration
+
+if TYPE_CHECKING:
+    from proxy.client import AsyncClient, Ticket
+    from proxy.config import Config
+
+DEFAULT_URL = "http://127.0.0.1:8080"  # proxy.client's, without importing aiohttp for --help
 
 log = logging.getLogger("casproxy")
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="casproxy", description="Content-addressed caching blob proxy")
-    parser.add_argument("--version", action="version", version=f"casproxy {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, naming the flag (argparse's own prints the whole usage first)."""
+        self.exit(exits.MISTAKE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
-    serve = commands.add_parser("serve", help="run the proxy")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="casproxy", description="Content-addressed caching blob proxy")
+    parser.add_argument("--version", action="version", version=f"casproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config key, its default and its CASPROXY_* variable: casproxy config --defaults",
+    )
     _config_flag(serve)
     serve.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default from config: 8080)")
-    serve.add_argument("--workers", type=int, help="processes sharing the port and the disk cache")
+    serve.add_argument("--port", type=_port, help="port to bind; 0: any free one (default from config: 8080)")
+    serve.add_argument("--workers", type=_positive, help="processes sharing the port and the disk cache")
 
-    check = commands.add_parser("check-config", help="print the resolved config, secrets redacted")
+    check = commands.add_parser("check-config", help="run serve's checks; print the resolved config, secrets redacted")
     _config_flag(check)
+
+    config = commands.add_parser("config", help="print the resolved config (secrets redacted), or --defaults")
+    config.add_argument("--defaults", action="store_true", help="the complete annotated config: every key's default")
+    _config_flag(config)
 
     ticket = commands.add_parser("ticket", help="sign a ticket (an expiring URL) for a blob, offline")
     ticket.add_argument("hash", help="the blob's sha1 or sha256")
-    ticket.add_argument("--ttl", default=None, help="how long it is valid, e.g. 1h (default: auth.ticket_ttl)")
+    ticket.add_argument("--ttl", type=_duration, help="how long it is valid, e.g. 1h (default: auth.ticket_ttl)")
     _config_flag(ticket)
 
     put = commands.add_parser("put", help="upload files; print one ticket JSON per line, in order")
@@ -85,37 +104,56 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"want a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _duration(text: str) -> float:
     try:
-        if args.command == "serve":
-            config = load_config(
-                args.config, overrides={"server": {"host": args.host, "port": args.port, "workers": args.workers}}
-            )
-            return serve(config)
-        if args.command == "ticket":
-            return sign_ticket(load_config(args.config), args.hash, args.ttl)
-        if args.command in ("put", "get"):
-            return transfer(args)
-        if args.command in ("export", "import"):
-            return transfer_cli.run(args)
-        if args.command == "cache":
-            return asyncio.run(cache_command(load_config(args.config), args.action, args.hashes))
-        if args.command == "check-config":
-            config = load_config(args.config)
-            print(json.dumps({"source": config.source, **redacted(config)}, indent=2, default=list))
-            return 0
-    except ConfigError as error:
-        print(f"casproxy: config error: {error}", file=sys.stderr)
-        return 2
-    except ProxyError as error:
-        print(f"casproxy: {error.detail}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"casproxy: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return _run(args)
+    except BaseException as error:  # report() raises again what is not a user's mistake
+        if isinstance(error, SystemExit):
+            raise
+        return exits.report(error)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxy.config import load_config
+
+    if args.command in ("put", "get"):
+        return transfer(args)
+    if args.command in ("export", "import"):
+        return transfer_cli.run(args)
+    if args.command == "serve":
+        flags = {"host": args.host, "port": args.port, "workers": args.workers}
+        return serve(load_config(args.config, overrides={"server": flags}))
+    config = load_config(args.config)
+    if args.command == "ticket":
+        return sign_ticket(config, args.hash, args.ttl)
+    if args.command == "cache":
+        return asyncio.run(cache_command(config, args.action, args.hashes))
+    if args.command == "config" and args.defaults:
+        from proxy.config import reference
+
+        print(reference(), end="")
+        return 0
+    if args.command == "check-config":
+        from proxy.preflight import preflight
+
+        preflight(config)
+    from proxy.config import redacted
+
+    print(json.dumps({"source": config.source, **redacted(config)}, indent=2, default=list))
     return 0
 
 
@@ -123,11 +161,13 @@ async def cache_command(config: Config, action: str, hashes: list[str]) -> int:
     """``casproxy cache stats|check|purge``: one JSON object on stdout; exit 1 if check removed
     anything. diskcache is safe to share between processes, so the server may be running."""
     from proxy.digest import Digest
+    from proxy.preflight import preflight
     from proxy.service import build_store
     from proxy.tiers.disk import DiskTier
 
     if (action == "purge") != bool(hashes):
-        raise BadRequest("give HASH arguments with purge, and only with purge")
+        raise exits.UsageError("give HASH arguments with purge, and only with purge")
+    preflight(config)
     digests = [Digest.parse(text) for text in hashes]
     damaged = False
     async with build_store(config) as store:
@@ -147,22 +187,29 @@ async def cache_command(config: Config, action: str, hashes: list[str]) -> int:
     return 1 if damaged else 0
 
 
-def sign_ticket(config: Config, text: str, ttl: str | None) -> int:
+def sign_ticket(config: Config, text: str, ttl: float | None) -> int:
     from proxy.digest import Digest
     from proxy.service import build_service
 
     digest = Digest.parse(text)
-    seconds = parse_duration(ttl) if ttl is not None else None
-    print(json.dumps(build_service(config).signer.ticket(digest, None, seconds).as_json()))
+    print(json.dumps(build_service(config).signer.ticket(digest, None, ttl).as_json()))
     return 0
 
 
 def transfer(args: argparse.Namespace) -> int:
     """``put`` or ``get``. A failure of one item is reported and the others go on; one that
     would fail every item (no server, no valid token) stops the lot. Either way: exit 1."""
-    client = AsyncClient(
-        args.url or os.environ.get("CASPROXY_URL") or DEFAULT_URL, args.token or os.environ.get("CASPROXY_TOKEN")
-    )
+    import aiohttp
+
+    from proxy.client import AsyncClient
+    from proxy.errors import Forbidden, Unauthorized
+
+    url = args.url or os.environ.get("CASPROXY_URL") or DEFAULT_URL
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        flag = "--url" if args.url else "CASPROXY_URL"
+        raise exits.UsageError(f"{flag}: {url!r} is not an http:// or https:// URL of a casproxy")
+    client = AsyncClient(url, args.token or os.environ.get("CASPROXY_TOKEN"))
     try:
         if args.command == "put":
             sizes = [os.stat(f).st_size if os.path.isfile(f) else 0 for f in args.files]
@@ -205,9 +252,6 @@ async def get_blobs(
         return await _in_order(refs, jobs, fetch, lambda _, __: None, progress)
 
 
-_FATAL = (aiohttp.ClientConnectorError, Unauthorized, Forbidden)
-
-
 async def _in_order(
     items: Sequence[T],
     jobs: int,
@@ -224,13 +268,18 @@ async def _in_order(
             progress.item_done()
             return result
 
+    import aiohttp
+
+    from proxy.errors import Forbidden, ProxyError, Unauthorized
+
+    fatal = (aiohttp.ClientConnectorError, Unauthorized, Forbidden)
     tasks = [asyncio.ensure_future(one(item)) for item in items]
     failed = False
     try:
         for item, task in zip(items, tasks, strict=True):
             try:
                 result = await task
-            except _FATAL:
+            except fatal:
                 raise
             except (ProxyError, OSError, ValueError, aiohttp.ClientError, TimeoutError) as error:
                 failed = True
@@ -247,6 +296,8 @@ async def _in_order(
 
 
 def _describe(error: Exception) -> str:
+    from proxy.errors import ProxyError
+
     if isinstance(error, ProxyError):
         return error.detail
     if isinstance(error, TimeoutError):
@@ -311,10 +362,10 @@ def _human(size: float) -> str:
 
 
 def serve(config: Config) -> int:
-    from proxy.access import check_exposure
+    from proxy.preflight import preflight
     from proxy.server.workers import serve as run
 
-    check_exposure(config)
+    preflight(config)
     return run(config)
 
 

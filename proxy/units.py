@@ -48,3 +48,20 @@ def parse_duration(value: int | float | str) -> float:
 Size = Annotated[int, parse_size]
 SizeArg = Annotated[int | str, parse_size]  # constructor arguments: 1048576 or "1 MiB"
 Duration = Annotated[float, parse_duration]
+
+
+def format_size(size: int) -> str:
+    """The shortest exact spelling parse_size reads back: 10737418240 -> "10 GiB"."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return str(size)
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling parse_duration reads back: 604800 -> "7d"."""
+    for unit in ("w", "d", "h", "m", "s"):
+        factor = _SECONDS[unit]
+        if seconds and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s" if seconds else "0s"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from proxy.config import load_config, redacted
 from proxy.errors import ConfigError
+from proxy.schema import convert
+from proxy.tiers.kinds import KINDS
 from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +49,7 @@ def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     assert config.server.port == 9002  # env beats file
     assert config.server.host == "0.0.0.0"  # flag beats file; a flag left unset (None) changes nothing
     assert config.negative_cache.ttl == 120
-    assert config.tier("disk").options["size_limit"] == "1 GiB"
+    assert config.tier("disk").options["size_limit"] == 1 << 30
 
 
 def test_env_references_resolve_secrets(tmp_path: Path) -> None:
@@ -53,14 +58,14 @@ def test_env_references_resolve_secrets(tmp_path: Path) -> None:
         [{"name": "local", "kind": "fs", "path": str(tmp_path)}],
         auth={"upload_tokens": ["env:MY_TOKEN"], "ticket_secret": "env:MY_SECRET"},
     )
-    config = load_config(str(path), environ={"MY_TOKEN": "t0ken", "MY_SECRET": "s3cret"})
+    config = load_config(str(path), environ={"MY_TOKEN": "t0ken", "MY_SECRET": "s3cret-s3cret-s3cret"})
     assert config.auth.upload_tokens == ("t0ken",)
     shown = json.dumps(redacted(config))
-    assert "t0ken" not in shown and "s3cret" not in shown
+    assert "t0ken" not in shown and "s3cret-s3cret-s3cret" not in shown
     with pytest.raises(ConfigError, match=r"auth.upload_tokens\[0\].*MY_TOKEN"):
         load_config(str(path), environ={"MY_SECRET": "x"})
     with pytest.raises(ConfigError, match=r"auth.upload_tokens\[0\]: empty token"):
-        load_config(str(path), environ={"MY_TOKEN": "", "MY_SECRET": "x"})
+        load_config(str(path), environ={"MY_TOKEN": "", "MY_SECRET": "s3cret-s3cret-s3cret"})
 
 
 def test_check_config_masks_header_secrets_and_url_passwords(tmp_path: Path) -> None:
@@ -95,7 +100,7 @@ def test_check_config_masks_header_secrets_and_url_passwords(tmp_path: Path) -> 
         ({}, [{"name": "x", "kind": "fs"}], r"tiers\[0\] \(x\)\.path: required"),
         ({}, [{"name": "x", "kind": "fs", "path": "/tmp", "colour": "red"}], r"\.colour: unknown key for kind 'fs'"),
         ({}, [{"name": "x", "kind": "disk", "path": "/tmp", "size_limit": "big"}], r"\.size_limit: .*not a size"),
-        ({}, [{"name": "x", "kind": "fs", "path": "/tmp", "role": "boss"}], r"tiers\[0\]\.role: .*one of"),
+        ({}, [{"name": "x", "kind": "fs", "path": "/tmp", "role": "boss"}], r"tiers\[0\] \(x\)\.role: .*one of"),
         ({"uploads": {"targets": ["nowhere"]}}, [{"name": "x", "kind": "fs", "path": "/tmp"}], r"no tier named"),
         ({}, [{"name": "x", "kind": "fs", "path": "/a"}, {"name": "x", "kind": "fs", "path": "/b"}], r"two tiers"),
     ],
@@ -117,7 +122,7 @@ def test_check_config_prints_resolved_config_and_fails_in_one_line(tmp_path: Pat
         tmp_path / "good.toml",
         [{"name": "local", "kind": "fs", "path": str(tmp_path)}],
         uploads={"targets": ["local"]},
-        auth={"ticket_secret": "hush"},
+        auth={"ticket_secret": "hush-hush-hush-hush"},
     )
     out = subprocess.run(
         [sys.executable, "-m", "proxy", "check-config", "-c", str(good)], capture_output=True, text=True, check=True
@@ -132,3 +137,44 @@ def test_check_config_prints_resolved_config_and_fails_in_one_line(tmp_path: Pat
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "tiers[0] (local).x: unknown key" in out.stderr
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", [{"name": "disk", "kind": "disk", "path": str(tmp_path)}])
+    with pytest.raises(ConfigError, match=r"server\.port: .*whole number.*c\.toml.*set by CASPROXY_SERVER__PORT"):
+        load_config(str(path), environ={"CASPROXY_SERVER__PORT": "eighty"})
+    with pytest.raises(ConfigError, match=r"\(disk\)\.size_limit: .*set by CASPROXY_TIERS__DISK__SIZE_LIMIT"):
+        load_config(str(path), environ={"CASPROXY_TIERS__DISK__SIZE_LIMIT": "huge"})
+
+
+def test_new_keys_are_parsed_and_checked(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "c.toml",
+        [{"name": "local", "kind": "fs", "path": str(tmp_path), "min_rate": "1 MiB", "layout": "sharded"}],
+        server={"max_blob_size": "1 GiB", "metrics_port": 9100},
+        cors={"allow_origins": ["https://app.example.com"], "max_age": "1m"},
+        coalesce={"url": "redis://127.0.0.1:6379/0", "wait": "5s"},
+        jobs={"allow": ["s3://bucket/exports/", "/srv/exports/"]},
+    )
+    config = load_config(str(path), environ={})
+    assert (config.server.max_blob_size, config.server.metrics_port) == (1 << 30, 9100)
+    assert config.cors.allow_origins == ("https://app.example.com",) and config.cors.max_age == 60
+    assert config.coalesce.wait == 5 and config.jobs.allow == ("s3://bucket/exports/", "/srv/exports/")
+    assert config.tier("local").min_rate == 1 << 20 and config.tier("local").options["layout"] == "sharded"
+    with pytest.raises(ConfigError, match=r"server\.metrics_port: 70000 is not a port"):
+        load_config(str(path), environ={"CASPROXY_SERVER__METRICS_PORT": "70000"})
+    with pytest.raises(ConfigError, match=r"coalesce\.url: .*redis"):
+        load_config(str(path), environ={"CASPROXY_COALESCE__URL": "memcached://x"})
+
+
+@pytest.mark.parametrize("kind", ["disk", "fs", "s3", "gcs", "http"])
+def test_a_kinds_schema_defaults_are_its_constructors(kind: str) -> None:
+    """The library (constructors) and the config (schema) agree on every default they share."""
+    schema = KINDS[kind].config
+    hints = typing.get_type_hints(schema, include_extras=True)
+    parameters = inspect.signature(KINDS[kind].load().__init__).parameters
+    for key in dataclasses.fields(schema):
+        if key.name in parameters and key.name not in ("role", "name") and key.default is not dataclasses.MISSING:
+            default = parameters[key.name].default
+            expected = default if default is None else convert(default, hints[key.name])
+            assert key.default == expected, key.name

@@ -11,6 +11,7 @@ or SIGINT.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -57,22 +58,45 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def run_server(config: Config, reuse_port: bool = False) -> None:
-    """Serve in this process until SIGTERM or SIGINT."""
+def bind(config: Config, reuse_port: bool = False) -> socket.socket:
+    """The listening socket, or a config error naming server.host/port (e.g. in use)."""
+    host, port = config.server.host, config.server.port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as error:
+        raise ConfigError(f"server.host/port: cannot bind {host}:{port}: {error.strerror or error}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def run_server(config: Config, reuse_port: bool = False, announce: str = "serving") -> None:
+    """Serve in this process until SIGTERM or SIGINT. The start-up, in order: bind, start the
+    tiers (the app's startup), then say "serving on" with the real address."""
     from aiohttp import web
 
     from proxy.server.accesslog import AccessLogger, JsonAccessLogger
     from proxy.server.app import create_app
 
+    sock = bind(config, reuse_port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def started(_: str) -> None:  # aiohttp calls this once the app started and the site listens
+        log.info("casproxy %s %s on %s (config: %s)", __version__, announce, url, config.source)
+
     logger: Any = JsonAccessLogger if config.server.log_format == "json" else AccessLogger
     web.run_app(
         create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        reuse_port=reuse_port or None,
+        sock=sock,
         access_log_class=logger,
         access_log=logging.getLogger("casproxy.access") if config.server.access_log else None,
-        print=None,
+        print=started,
         handle_signals=True,
         loop=new_event_loop(config.server.event_loop),
     )
@@ -80,18 +104,13 @@ def run_server(config: Config, reuse_port: bool = False) -> None:
 
 def serve(config: Config) -> int:
     setup_logging(config)
-    where = f"http://{config.server.host}:{config.server.port}"
+    if config.source == "built-in defaults":
+        paths = {tier.name: tier.options.get("path") for tier in config.tiers}
+        folders = ", ".join(f"{name}: {os.path.abspath(path)}" for name, path in paths.items() if path)
+        log.info("no config file (./config.toml, $CASPROXY_CONFIG, -c): built-in defaults; writing to %s", folders)
     if config.server.workers <= 1:
-        log.info("casproxy %s serving on %s (config: %s)", __version__, where, config.source)
         run_server(config)
         return 0
-    log.info(
-        "casproxy %s serving on %s with %d workers (config: %s)",
-        __version__,
-        where,
-        config.server.workers,
-        config.source,
-    )
     return Supervisor(config).run()
 
 
@@ -99,7 +118,7 @@ def _worker_main(config: Config, index: int) -> None:
     setup_logging(config)
     logging.getLogger("casproxy").info("worker %d (pid %d) starting", index, os.getpid())
     try:
-        run_server(config, reuse_port=True)
+        run_server(config, reuse_port=True, announce=f"worker {index} serving")
     except ConfigError as error:
         print(f"casproxy: config error: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
@@ -133,13 +152,14 @@ class Supervisor:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _check_port(self) -> None:
-        """Fail at once, in one line, if the port is taken (workers would each fail alone)."""
-        with socket.socket(socket.AF_INET6 if ":" in self.config.server.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
-                probe.bind((self.config.server.host, self.config.server.port))
-            except OSError as error:
-                raise OSError(f"cannot bind {self.config.server.host}:{self.config.server.port}: {error}") from None
+        """Fail at once, in one line, if the port is taken (workers would each fail alone); for
+        port 0, choose the one port all workers share."""
+        with bind(self.config, reuse_port=True) as probe:
+            port = probe.getsockname()[1]
+        self.config = dataclasses.replace(self.config, server=dataclasses.replace(self.config.server, port=port))
+        log.info(
+            "casproxy %s starting %d workers (config: %s)", __version__, self.config.server.workers, self.config.source
+        )
 
     def _start(self, index: int) -> None:
         process = self._context.Process(target=_worker_main, args=(self.config, index), name=f"casproxy-worker-{index}")

@@ -116,6 +116,7 @@ class HotCache:
 
 class DiskTier(Tier):
     trusted = True
+    can_store = True
 
     def __init__(
         self,
@@ -134,8 +135,7 @@ class DiskTier(Tier):
         self.name = name
         self.role = role
         self.timeout = timeout
-        self.path = os.path.abspath(path)
-        self.state_dir = self.path
+        self.path = self.state_dir = os.path.abspath(path)
         # Every process (worker) spools into its own folder, so one starting cannot clear
         # another's writes in progress.
         self.spool_root = os.path.join(self.path, SPOOL_DIR)

@@ -24,6 +24,8 @@ _TEMP_PREFIX = ".casproxy-tmp-"
 
 
 class FsTier(Tier):
+    can_store = True
+
     def __init__(
         self,
         path: str,

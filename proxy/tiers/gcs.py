@@ -43,6 +43,8 @@ _RESUME_TRANSIENT = {408, 429, 500, 502, 503, 504}
 
 
 class GcsTier(Tier):
+    can_store = True
+
     def __init__(
         self,
         url: str,

@@ -27,6 +27,8 @@ _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
 class S3Tier(Tier):
+    can_store = True
+
     def __init__(
         self,
         url: str,

@@ -1,11 +1,41 @@
 """Export and import: moving blobs between the store and a bucket, a folder or a tar archive,
 resumably. The engine knows nothing of HTTP: the command line and the server's jobs both run a
-TransferSpec through a Transfer and read its Snapshot."""
+TransferSpec through a Transfer and read its Snapshot. Names are imported on first use, so the
+command line's parser does not load boto3."""
 
 from __future__ import annotations
 
-from proxy.transfer.engine import Transfer, default_into
-from proxy.transfer.spec import TransferError, TransferSpec, UsageError
-from proxy.transfer.tally import Snapshot
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Snapshot", "Transfer", "TransferError", "TransferSpec", "UsageError", "default_into"]
+_EXPORTS = {
+    "Snapshot": "proxy.transfer.tally",
+    "Transfer": "proxy.transfer.engine",
+    "TransferError": "proxy.transfer.spec",
+    "TransferSpec": "proxy.transfer.spec",
+    "UsageError": "proxy.transfer.spec",
+    "default_into": "proxy.transfer.engine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'proxy.transfer' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from proxy.transfer.engine import Transfer, default_into
+    from proxy.transfer.spec import TransferError, TransferSpec, UsageError
+    from proxy.transfer.tally import Snapshot
+
+__all__ = [
+    "Snapshot",
+    "Transfer",
+    "TransferError",
+    "TransferSpec",
+    "UsageError",
+    "default_into",
+]

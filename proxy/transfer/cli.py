@@ -16,13 +16,15 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from proxy.store.composite import Composite
-from proxy.transfer.engine import Transfer, default_into
-from proxy.transfer.progress import MessageHandler, ProgressView
+from proxy import exits
 from proxy.transfer.spec import TransferError, TransferSpec, UsageError
 from proxy.units import parse_duration, parse_size
+
+if TYPE_CHECKING:  # imported when a transfer runs: casproxy --help need not load boto3
+    from proxy.store.composite import Composite
+    from proxy.transfer.progress import ProgressView
 
 EXPORT_HELP = """\
 Read each blob through the configured tiers (verified, as the proxy would serve it) and write it
@@ -111,7 +113,10 @@ def _seconds(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     """Run ``casproxy export`` or ``casproxy import``; the exit status."""
     from proxy.config import load_config
-    from proxy.service import build_store, state_dir
+    from proxy.policy import state_dir
+    from proxy.service import build_store
+    from proxy.transfer.engine import default_into
+    from proxy.transfer.progress import ProgressView
 
     kind = args.command
     try:
@@ -137,22 +142,20 @@ def run(args: argparse.Namespace) -> int:
         store = build_store(config)
         view = ProgressView(interval=args.progress_interval)
         with _logging_through(view):
-            status = asyncio.run(_main(spec, store, view, state_dir(store), default_into(config, store)))
+            status = asyncio.run(_main(spec, store, view, state_dir(store.tiers), default_into(config, store)))
         if status > 128:
             _exit_now(status)
         return status
-    except UsageError as error:
-        print(f"casproxy: {kind}: {error}", file=sys.stderr)
-        return 2
     except TransferError as error:
-        print(f"casproxy: {kind}: {error}", file=sys.stderr)
-        return 1
+        return exits.report(error, f"casproxy: {kind}")
     finally:
         if getattr(args, "target", "") == "-":
             _quiet_stdout()
 
 
 async def _main(spec: TransferSpec, store: Composite, view: ProgressView, state: str, into: str | None) -> int:
+    from proxy.transfer.engine import Transfer
+
     loop = asyncio.get_running_loop()
     transfer = Transfer(
         spec,
@@ -209,6 +212,8 @@ async def _main(spec: TransferSpec, store: Composite, view: ProgressView, state:
 @contextlib.contextmanager
 def _logging_through(view: ProgressView) -> Iterator[None]:
     """Warnings from the tiers (a tier failing, a corrupt copy skipped) above the progress bar."""
+    from proxy.transfer.progress import MessageHandler
+
     root = logging.getLogger()
     handler, level = MessageHandler(view), root.level
     root.addHandler(handler)

@@ -30,7 +30,7 @@ import botocore.exceptions
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import BadDigest, CorruptBlob, NotFound, ProxyError, TierError, UpstreamFailed
-from proxy.service import default_targets, state_dir
+from proxy.policy import default_targets, state_dir
 from proxy.store.composite import Composite
 from proxy.store.opened import Opened
 from proxy.store.spool import MemoryBudget, Spool
@@ -61,7 +61,7 @@ def default_into(config: Config, store: Composite) -> str | None:
     """The tier an import writes to by default: the first upload target."""
     if config.uploads.targets:
         return config.uploads.targets[0]
-    targets = default_targets(store)
+    targets = default_targets(store.tiers)
     return targets[0].name if targets else None
 
 
@@ -131,7 +131,7 @@ class Transfer:
         path = self.spec.checkpoint
         if path is None and self.location.resumable:
             name = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-            folder = self._state_dir or state_dir(self.store)
+            folder = self._state_dir or state_dir(self.store.tiers)
             path = os.path.join(folder, "transfers", f"{self.spec.kind}-{name}.sqlite")
         self.checkpoint_path = path
         return Checkpoint(path, identity)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from proxy import exits
 from proxy.units import parse_size
 
 Kind = Literal["export", "import"]
@@ -16,11 +17,11 @@ MIN_PART_SIZE = 5 * MiB  # S3 refuses smaller parts (except the last)
 MAX_PARTS = 10_000  # S3's limit on parts per upload
 
 
-class TransferError(Exception):
+class TransferError(exits.CommandFailed):
     """The transfer as a whole cannot go on (the target is gone, the archive is broken)."""
 
 
-class UsageError(TransferError):
+class UsageError(TransferError, exits.UsageError):
     """A mistake in what was asked for: a bad location, an unknown tier, a missing file."""
 
 
