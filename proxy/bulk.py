@@ -153,21 +153,21 @@ class SelfBulkData:
 
     async def store(self, name: str, encoding: Encoding, chunks: AsyncIterator[bytes], encoded: bool) -> int:
         """Keep an object as ``encoding`` bytes. ``encoded``: the chunks are already encoded
-        (a form upload) and must decode cleanly; else they are plain and get encoded here."""
+        (a form upload) and must decode cleanly; else they are plain and get encoded here.
+        Returns the decoded size: the same body gives the same size through POST and PUT."""
         target = self._path(name, encoding)
         await asyncio.to_thread(os.makedirs, self.directory, 0o700, True)
         temp = f"{target}.tmp-{secrets.token_hex(4)}"
         check = decoder(encoding) if encoded else None
         compress = None if encoded else encoder(encoding)
-        size = 0
+        size = plain = 0
         file: BinaryIO = await asyncio.to_thread(open, temp, "wb")
         try:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > self.max_size:
                     raise TooLarge(f"more than {self.max_size} bytes")
-                if check is not None:
-                    _decode_or_reject(check, chunk, encoding)
+                plain += len(chunk) if check is None else _decode_or_reject(check, chunk, encoding)
                 out = compress.compress(chunk) if compress is not None else chunk
                 await asyncio.to_thread(file.write, out)
             if compress is not None:
@@ -184,7 +184,7 @@ class SelfBulkData:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
             raise
-        return size
+        return plain
 
     async def open(self, name: str) -> tuple[BinaryIO, Encoding, int]:
         for encoding in ENCODINGS:
@@ -200,8 +200,9 @@ def _split(query: str) -> list[tuple[str, str]]:
     return [tuple(part.split("=", 1)) for part in query.split("&")]  # type: ignore[misc]
 
 
-def _decode_or_reject(check: Any, chunk: bytes, encoding: str) -> None:
+def _decode_or_reject(check: Any, chunk: bytes, encoding: str) -> int:
+    """The decoded length of ``chunk``."""
     try:
-        check.decompress(chunk)
+        return len(check.decompress(chunk))
     except Exception as error:  # noqa: BLE001 - zlib.error and friends: not this encoding
         raise BadRequest(f"the body is not {encoding} data: {error}") from None

@@ -65,6 +65,12 @@ class TooLarge(ProxyError):
     title = "Body too large"
 
 
+class PreconditionFailed(ProxyError):
+    status = 412
+    type = "precondition-failed"
+    title = "Precondition failed"
+
+
 class RangeNotSatisfiable(ProxyError):
     status = 416
     type = "range-not-satisfiable"

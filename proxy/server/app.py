@@ -7,20 +7,31 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.digest import ALGORITHMS
+from proxy.digest import ALGORITHMS, Digest
 from proxy.errors import BadDigest
-from proxy.server import blobs, bulk, jobs, ops, uploads
+from proxy.server import blobs, bulk, cors, jobs, ops, uploads
+from proxy.server.cors import cors_middleware
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.metrics import get_metrics, metrics_middleware
 from proxy.server.openapi import openapi
 from proxy.server.problems import problems_middleware
+from proxy.server.protocol import answer_parse_errors
+from proxy.server.status import status_page
 from proxy.service import build_service
 from proxy.store.composite import Composite
 
+BLOB_METHODS = ("GET", "HEAD", "PUT", "DELETE")
+
 
 async def _not_a_digest(request: web.Request) -> web.StreamResponse:
-    # /sha1/../etc, /sha1/a/b: anything under a digest route that is not one is a bad name
-    raise BadDigest(f"{request.match_info['rest'][:80]!r} is not a digest")
+    """/sha1/../etc, /sha1/a/b: a bad name; a good name with a method its route does not
+    serve (TRACE, PATCH, POST...) is 405 with Allow (RFC 9110 15.5.6)."""
+    rest = request.match_info["rest"]
+    try:
+        Digest.parse(rest, blobs.algorithm_of(request))
+    except BadDigest:
+        raise BadDigest(f"{rest[:80]!r} is not a digest") from None
+    raise web.HTTPMethodNotAllowed(request.method, BLOB_METHODS)
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -28,7 +39,12 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config, store: Composite | None = None) -> web.Application:
-    app = web.Application(middlewares=[metrics_middleware, problems_middleware], client_max_size=1 << 20)
+    # cors outside problems: error answers carry CORS headers too, so a page can read them
+    app = web.Application(
+        middlewares=[metrics_middleware, cors_middleware, problems_middleware], client_max_size=1 << 20
+    )
+    answer_parse_errors(app)
+    cors.install(app, config.cors, config.server.base_url)
     service = build_service(config, store)
     app[CONFIG] = config
     app[SERVICE] = service
@@ -47,7 +63,7 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
         router.add_post(f"/{algorithm}/missing", blobs.post_missing)
         router.add_post(f"/{algorithm}", uploads.post_blob)
         blob = router.add_resource(f"/{algorithm}/{{hash}}")
-        blob.add_route("GET", blobs.get_blob)
+        blob.add_route("GET", blobs.get_blob)  # keep BLOB_METHODS in step with these
         blob.add_route("HEAD", blobs.get_blob)
         blob.add_route("PUT", uploads.put_blob)
         blob.add_route("DELETE", uploads.delete_blob)
@@ -67,4 +83,5 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     router.add_get("/stats", ops.stats)
     router.add_get("/metrics", get_metrics)
     router.add_get("/openapi.json", _openapi)
+    router.add_get("/", status_page)
     return app

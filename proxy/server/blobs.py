@@ -8,9 +8,9 @@ import json
 from aiohttp import web
 
 from proxy.digest import Algorithm, Digest
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, NotFound, PreconditionFailed
 from proxy.server.keys import CONFIG, SERVICE, STORE
-from proxy.server.responses import SendfileResponse, etag_matches, parse_range, send_stream
+from proxy.server.responses import SendfileResponse, etag_matches, parse_range, range_header, send_stream
 from proxy.store.composite import Composite
 from proxy.tier import Blob, BytesBlob, FileBlob
 
@@ -45,10 +45,27 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     request.app[SERVICE].access.check_read(
         f"/{digest.algorithm}/{digest}", request.query, request.headers.get("Authorization")
     )
-    if etag_matches(request.headers.get("If-None-Match"), f'"{digest}"'):
-        # Content-addressed: a client holding this ETag holds exactly these bytes.
-        return web.Response(status=304, headers={"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL})
+    etag = f'"{digest}"'
     store = request.app[STORE]
+    if_match = request.headers.get("If-Match")
+    if if_match is not None and not etag_matches(if_match, etag, weak=False):
+        raise PreconditionFailed(f"If-Match {if_match[:80]!r} does not name {etag}")
+    if etag_matches(request.headers.get("If-None-Match"), etag):
+        # Content-addressed: a client holding this ETag holds exactly these bytes, as long as
+        # the blob exists at all (RFC 9110 13.1.2: no current representation, no 304).
+        if not await store.contains(digest):
+            raise NotFound(f"{digest} is in no tier")
+        return web.Response(status=304, headers={"ETag": etag, "Cache-Control": CACHE_CONTROL})
+    try:
+        return await _read(request, store, digest)
+    except NotFound:
+        if if_match is None:
+            raise
+        raise PreconditionFailed(f"If-Match {if_match[:80]!r}: {digest} is in no tier") from None
+
+
+async def _read(request: web.Request, store: Composite, digest: Digest) -> web.StreamResponse:
+    """GET or HEAD once the preconditions hold."""
     if request.method == "HEAD":
         response = await _head(request, store, digest)
         if response is not None:
@@ -58,7 +75,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         # Up to stream_threshold a blob is verified before the first byte; a larger one still
         # arriving is streamed as it comes, and the connection is cut if it fails.
         threshold = request.app[CONFIG].server.stream_threshold
-        if "Range" not in request.headers and request.method == "GET" and await opened.streams_past(threshold):
+        ranged = range_header(request, f'"{digest}"') is not None
+        if not ranged and request.method == "GET" and await opened.streams_past(threshold):
             response = web.StreamResponse(headers=_headers(digest, opened.tier, opened.hit))
             if opened.size is not None:
                 response.content_length = opened.size
@@ -76,27 +94,17 @@ async def _head(request: web.Request, store: Composite, digest: Digest) -> web.S
     if stat.size is None:
         return None
     response = web.StreamResponse(headers=_headers(digest, tier.name, tier.role == "cache"))
-    span = parse_range(request.headers.get("Range"), stat.size)
-    _set_length(response, span, stat.size)
+    response.content_length = stat.size  # HEAD ignores Range: these are the whole blob's headers
     await response.prepare(request)
     await response.write_eof()
     return response
-
-
-def _set_length(response: web.StreamResponse, span: tuple[int, int] | None, size: int) -> tuple[int, int]:
-    start, end = span or (0, size)
-    if span is not None:
-        response.set_status(206)
-        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    response.content_length = end - start
-    return start, end
 
 
 async def _send_blob(request: web.Request, blob: Blob, headers: dict[str, str]) -> web.StreamResponse:
     """A verified blob that is whole: from memory, or a file for sendfile (which closes it)."""
     assert blob.size is not None
     try:
-        span = parse_range(request.headers.get("Range"), blob.size)
+        span = parse_range(range_header(request, headers["ETag"]), blob.size)
     except Exception:
         await blob.close()  # a 416: the response will not own the open file
         raise

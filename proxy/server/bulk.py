@@ -4,14 +4,16 @@ POST (form), PUT and GET URLs."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 
 from aiohttp import BodyPartReader, web
 
+from proxy.blocking import run
 from proxy.bulk import SelfBulkData, check_request, parse_encoding
 from proxy.errors import BadRequest, Forbidden, NotFound
 from proxy.server.keys import SERVICE
-from proxy.server.responses import SendfileResponse
+from proxy.server.responses import SendfileResponse, etag_matches
 from proxy.tier import CHUNK_SIZE, FileBlob
 
 
@@ -84,7 +86,18 @@ async def get_object(request: web.Request) -> web.StreamResponse:
         raise
     except OSError as error:
         raise Forbidden(str(error)) from error
+    stat = await run(os.fstat, file.fileno())
+    # A slot can be uploaded again while its URLs live: a validator, and caches revalidate.
+    headers = {
+        "ETag": f'"{stat.st_mtime_ns:x}-{size:x}"',
+        "Cache-Control": "private, no-cache",  # the URL is a capability: no shared cache keeps it
+        "Vary": "Accept-Encoding",  # the bytes are sent as stored, Content-Encoding and all
+    }
+    if etag_matches(request.headers.get("If-None-Match"), headers["ETag"]):
+        await run(file.close)
+        return web.Response(status=304, headers=headers)
     response = SendfileResponse(FileBlob(file, size), 0, size)
+    response.headers.update(headers)
     response.content_type = "application/octet-stream"
     if encoding != "identity":
         response.headers["Content-Encoding"] = encoding

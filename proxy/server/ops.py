@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import time
 
 from aiohttp import web
 
+from proxy import __version__
 from proxy.server.keys import SERVICE, STORE
 from proxy.tiers.disk import DiskTier
+
+_STARTED = time.time()  # imported as the server starts: its uptime
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -52,5 +57,11 @@ async def stats(request: web.Request) -> web.Response:
         "replication_failures": queue.failures,
     }
     # Counters are this worker's own; /metrics aggregates every worker.
-    process = {"pid": os.getpid(), "workers": service.config.server.workers}
-    return web.json_response({**service.store.snapshot(), "uploads": uploads, "process": process})
+    process = {
+        "pid": os.getpid(),
+        "workers": service.config.server.workers,
+        "version": __version__,
+        "uptime_s": round(time.time() - _STARTED, 1),
+    }
+    usage = {tier.name: dataclasses.asdict(u) for tier in service.store.tiers if (u := tier.usage()) is not None}
+    return web.json_response({**service.store.snapshot(), "usage": usage, "uploads": uploads, "process": process})

@@ -40,15 +40,29 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def etag_matches(header: str | None, etag: str) -> bool:
-    """If-None-Match (RFC 9110 13.1.2): weak comparison, any listed tag or *."""
+def etag_matches(header: str | None, etag: str, *, weak: bool = True) -> bool:
+    """Whether an If-None-Match (weak comparison, RFC 9110 13.1.2) or If-Match (strong,
+    13.1.1) list names this ETag or is *."""
     if not header:
         return False
     for candidate in header.split(","):
         candidate = candidate.strip()
-        if candidate == "*" or candidate.removeprefix("W/") == etag:
+        if candidate == "*" or (candidate.removeprefix("W/") if weak else candidate) == etag:
             return True
     return False
+
+
+def range_header(request: web.BaseRequest, etag: str) -> str | None:
+    """The Range to honour, if any. HEAD ignores Range (SPEC 5.1: its headers are the whole
+    blob's), and an If-Range that is not this ETag (strong comparison; a date never matches,
+    since no Last-Modified is sent) asks for the whole blob (RFC 9110 13.1.5)."""
+    header = request.headers.get("Range")
+    if not header or request.method == "HEAD":
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() != etag:
+        return None
+    return header
 
 
 class SendfileResponse(web.StreamResponse):
