@@ -38,6 +38,24 @@ class Access:
         if self.upload_tokens:
             self._check(bearer_token(authorization), self.upload_tokens + self.admin_tokens, "upload")
 
+    def check_token(self, authorization: str | None) -> None:
+        """An upload or admin token, whatever else is configured (Git LFS reads under require_ticket)."""
+        self._check(bearer_token(authorization), self.upload_tokens + self.admin_tokens, "upload")
+
+    @staticmethod
+    def upload_scope(path: str) -> str:
+        # Not what a read ticket signs: a read URL can never be used to write.
+        return f"upload {path}"
+
+    def signed_upload_url(self, path: str) -> tuple[str, int]:
+        """A URL that lets anyone PUT this one name until it expires (Git LFS upload actions):
+        the body must still hash to the name, so it grants no more than the right bytes."""
+        query, expires = self.signer.sign(self.upload_scope(path))
+        return f"{self.signer.base_url}{path}?{query}", expires
+
+    def check_signed_upload(self, path: str, query: Mapping[str, str]) -> None:
+        self.signer.verify(self.upload_scope(path), query.get("expires"), query.get("sig"))
+
     def check_admin(self, authorization: str | None) -> None:
         if not self.admin_tokens:
             raise Forbidden("administration is disabled: no auth.admin_tokens are configured")

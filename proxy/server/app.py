@@ -9,7 +9,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.digest import ALGORITHMS, Digest
 from proxy.errors import BadDigest
-from proxy.server import blobs, bulk, cors, jobs, ops, uploads
+from proxy.server import blobs, bulk, cors, jobs, lfs, ops, uploads
 from proxy.server.cors import cors_middleware
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.metrics import get_metrics, metrics_middleware
@@ -74,6 +74,8 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     slot.add_route("PUT", bulk.put_object)
     slot.add_route("GET", bulk.get_object)
     slot.add_route("HEAD", bulk.get_object)
+    router.add_post("/lfs/objects/batch", lfs.batch)
+    router.add_post("/{repo:.+}/info/lfs/objects/batch", lfs.batch)  # lfs.url derived from a remote's URL
     router.add_post("/jobs", jobs.create_job)
     router.add_get("/jobs", jobs.list_jobs)
     router.add_get("/jobs/{id}", jobs.get_job)

@@ -26,8 +26,11 @@ def _ticket_response(service: Service, stored: Stored) -> web.Response:
 async def put_blob(request: web.Request) -> web.Response:
     """PUT /sha1/{hash}: the (decoded) body must hash to the name; nothing is stored otherwise."""
     service = request.app[SERVICE]
-    service.access.check_upload(request.headers.get("Authorization"))
     digest = digest_of(request)
+    if "sig" in request.query:  # a signed upload URL, as Git LFS upload actions hand out
+        service.access.check_signed_upload(f"/{digest.algorithm}/{digest}", request.query)
+    else:
+        service.access.check_upload(request.headers.get("Authorization"))
     _check_declared_size(request, service)
     stored = await service.uploader.receive(request.content.iter_chunked(CHUNK_SIZE), digest)
     return _ticket_response(service, stored)
