@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.blocking import run
 from proxy.bulk import SelfBulkData, check_request, parse_encoding
@@ -56,6 +57,15 @@ async def put_object(request: web.Request) -> web.Response:
 async def post_object(request: web.Request) -> web.Response:
     """The slot's presigned POST: a form with the slot's fields and then the file."""
     bulk = _self_mode(request)
+    if request.content_type != "multipart/form-data":
+        raise BadRequest(f"a presigned POST is a multipart/form-data form, not {request.content_type}")
+    try:
+        return await _store_form(request, bulk)
+    except (KeyError, ValueError, HttpProcessingError) as error:  # no boundary, a torn body, bad part headers
+        raise BadRequest(f"the form cannot be read: {error!s:.200}") from None
+
+
+async def _store_form(request: web.Request, bulk: SelfBulkData) -> web.Response:
     form = await request.multipart()
     fields: dict[str, str] = {}
     async for part in form:
