@@ -38,7 +38,7 @@ _BLOB_HEADERS = {
     for name in ("ETag", "Cache-Control", "Accept-Ranges", "X-Cache", "X-Cache-Tier", "Content-Length")
 }
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-_TICKET = {"bearer": [], "ticket": []}
+_TICKET: dict[str, list[str]] = {"bearer": [], "ticket": []}
 _LFS = "application/vnd.git-lfs+json"
 
 
@@ -91,7 +91,7 @@ def _blob_routes(algorithm: str) -> dict[str, Any]:
         {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"}},
     ]
     whole = {"description": "the blob, verified against its name", "headers": _BLOB_HEADERS, "content": _BINARY}
-    read = {
+    read: dict[str, Any] = {
         "parameters": read_parameters,
         "security": [{}, _TICKET],
         "responses": {
@@ -198,7 +198,7 @@ def _bulk_routes() -> dict[str, Any]:
         },
     }
     size = _json("stored", {"type": "object", "properties": {"size": {"type": "integer"}}})
-    read = {
+    read: dict[str, Any] = {
         "parameters": signed,
         "responses": {
             "200": {"description": "the stored bytes with their Content-Encoding", "content": _BINARY},
