@@ -38,7 +38,6 @@ _BLOB_HEADERS = {
     for name in ("ETag", "Cache-Control", "Accept-Ranges", "X-Cache", "X-Cache-Tier", "Content-Length")
 }
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-_TICKET: dict[str, list[str]] = {"bearer": [], "ticket": []}
 _LFS = "application/vnd.git-lfs+json"
 
 
@@ -93,7 +92,7 @@ def _blob_routes(algorithm: str) -> dict[str, Any]:
     whole = {"description": "the blob, verified against its name", "headers": _BLOB_HEADERS, "content": _BINARY}
     read: dict[str, Any] = {
         "parameters": read_parameters,
-        "security": [{}, _TICKET],
+        "security": [{}, *_BEARER, {"ticket": []}],  # with auth.require_ticket: a token or a ticket
         "responses": {
             "200": whole,
             "206": {"description": "a byte range of the blob", "headers": _BLOB_HEADERS, "content": _BINARY},
