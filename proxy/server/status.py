@@ -15,7 +15,7 @@ _PAGE = """<!doctype html>
  body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; background: #fafafa; }
  h1 { font-size: 1.4em; margin: 0 0 .2em; } .muted { color: #777; }
  table { border-collapse: collapse; margin: 1em 0; background: #fff; }
- th, td { padding: .35em .8em; border-bottom: 1px solid #ddd; text-align: right; }
+ th, td { padding: .35em .8em; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
  th:first-child, td:first-child { text-align: left; }
  .closed { color: #1a7f37; } .open { color: #c62828; font-weight: bold; } .half-open { color: #b26a00; }
  .bar { width: 12em; height: .8em; background: #eee; display: inline-block; vertical-align: middle; }
