@@ -190,6 +190,8 @@ async def test_preflight_and_cors_headers_for_an_allowed_origin(client: Client, 
     assert missing.status == 404 and missing.headers["Access-Control-Allow-Origin"] == APP
     other = await client.get(f"/sha1/{digest}", headers={"Origin": "http://evil.example"})
     assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
+    plain = await client.get(f"/sha1/{digest}")  # a shared cache must not give this to a page
+    assert "Origin" in plain.headers.getall("Vary") and "Access-Control-Allow-Origin" not in plain.headers
 
 
 @pytest.mark.parametrize(

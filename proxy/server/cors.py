@@ -48,6 +48,10 @@ class CorsPolicy:
         listed = frozenset(_origin(o) for o in config.allow_origins if o != "*")
         return cls(listed, "*" in config.allow_origins, int(config.max_age), _origin(public_url))
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.origins) or self.any_reader
+
     def allows(self, origin: str, method: str) -> bool:
         return origin.lower() in self.origins or (self.any_reader and method in READS)
 
@@ -94,16 +98,16 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: the CORS headers of an actual response, errors and streams included."""
-    origin = request.headers.get("Origin")
-    if not origin or not _BROWSER_ROUTE.fullmatch(request.path):
-        return
     policy = request.app[CORS]
+    if not policy.enabled or not _BROWSER_ROUTE.fullmatch(request.path):
+        return
+    response.headers.add("Vary", "Origin")  # the answer depends on it: a shared cache must key on it
+    origin = request.headers.get("Origin")
     method = request.headers.get("Access-Control-Request-Method", request.method).upper()
-    if not policy.allows(origin, method):
+    if not origin or not policy.allows(origin, method):
         return
     response.headers["Access-Control-Allow-Origin"] = origin if origin.lower() in policy.origins else "*"
     response.headers["Access-Control-Expose-Headers"] = EXPOSED
-    response.headers.add("Vary", "Origin")
 
 
 def install(app: web.Application, config: CorsConfig, public_url: str) -> None:

@@ -44,8 +44,9 @@ class _RequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if status != 400 or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
-        log.info("unparseable request from %s: %s", request.remote, exc)  # the client's mistake, no traceback
         response = _answer(exc)
+        # The client's mistake: one line, no traceback, and none of its bytes (they could forge lines).
+        log.info("refused an unparseable request from %s: %d %s", request.remote, response.status, type(exc).__name__)
         response.force_close()  # the rest of the stream cannot be trusted
         return response
 
