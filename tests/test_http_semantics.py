@@ -56,6 +56,10 @@ async def test_a_method_the_blob_route_does_not_serve_is_405_with_allow(
     assert set(response.headers["Allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "PUT", "DELETE"}
     # a name that is no digest stays a 400
     await problem(await client.request(method, "/sha1/nope"), 400)
+    if method != "POST":
+        response = await client.request(method, "/sha1/missing")
+        await problem(response, 405)
+        assert response.headers["Allow"] == "POST"
 
 
 async def test_if_match(client: Client, tmp_path: Path) -> None:

@@ -34,6 +34,10 @@ async def _not_a_digest(request: web.Request) -> web.StreamResponse:
     raise web.HTTPMethodNotAllowed(request.method, BLOB_METHODS)
 
 
+async def _only_post(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPMethodNotAllowed(request.method, ("POST",))
+
+
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi())
 
@@ -60,7 +64,9 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     for algorithm in ALGORITHMS:
         # A literal first segment per algorithm keeps these routes in aiohttp's prefix index:
         # a regex there ({algorithm:sha1|sha256}) made every hit scan the route list.
-        router.add_post(f"/{algorithm}/missing", blobs.post_missing)
+        missing = router.add_resource(f"/{algorithm}/missing")  # before /{hash}, which "missing" is not
+        missing.add_route("POST", blobs.post_missing)
+        missing.add_route("*", _only_post)
         router.add_post(f"/{algorithm}", uploads.post_blob)
         blob = router.add_resource(f"/{algorithm}/{{hash}}")
         blob.add_route("GET", blobs.get_blob)  # keep BLOB_METHODS in step with these
