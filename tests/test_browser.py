@@ -75,8 +75,13 @@ async ([proxy, digest]) => {
   const bytes = new Uint8Array(await got.arrayBuffer());
   const part = await fetch(`${proxy}/sha1/${digest}`, {headers: {Range: "bytes=0-3"}});
   const slots = await (await fetch(`${proxy}/bulk-data`, {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({count: 1}),
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({count: 2}),
   })).json();
+  const post = slots[1].presignedPost, form = new FormData();
+  for (const [key, value] of Object.entries(JSON.parse(post.fields))) form.append(key, value);
+  form.append("file", new Blob(["posted from a page"]), "bulk_data");
+  const posted = await fetch(post.url, {method: "POST", body: form});
+  const postedBack = await fetch(slots[1].presignedGet);
   const put = slots[0].presignedPut;
   const body = new TextEncoder().encode("uploaded from a page");
   const stored = await fetch(put.url, {method: "PUT", headers: JSON.parse(put.headers), body});
@@ -86,6 +91,7 @@ async ([proxy, digest]) => {
     xcache: got.headers.get("X-Cache"), etag: got.headers.get("ETag"),
     range: part.status, contentRange: part.headers.get("Content-Range"),
     stored: stored.status, back: await back.text(),
+    posted: posted.status, postedBack: await postedBack.text(),
   };
 }
 """
@@ -110,6 +116,7 @@ async def test_a_page_on_another_origin_reads_and_uploads(
     assert result["xcache"] == "MISS" and result["etag"] == f'"{digest}"'  # exposed to the page
     assert result["range"] == 206 and result["contentRange"] == f"bytes 0-3/{len(data)}"
     assert result["stored"] == 201 and result["back"] == "uploaded from a page"
+    assert result["posted"] == 201 and result["postedBack"] == "posted from a page"
 
 
 CROSS_SITE_JS = """
