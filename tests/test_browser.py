@@ -156,7 +156,8 @@ async def test_the_status_page_renders_names_every_tier_and_moves(
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.on("requestfailed", lambda request: errors.append(request.url))
-    await page.goto(str(proxy.make_url("/")))
+    response = await page.goto(str(proxy.make_url("/")))
+    assert "default-src 'none'" in response.headers["content-security-policy"]  # no assets from elsewhere
     for tier in ("disk", "local"):
         await page.wait_for_selector(f'tr[data-tier="{tier}"]', timeout=10_000)
     hits = 'document.querySelector(\'tr[data-tier="local"] td[data-key="hits"]\').textContent'
@@ -167,9 +168,10 @@ async def test_the_status_page_renders_names_every_tier_and_moves(
         for _ in range(3):
             assert (await proxy.get(f"/sha1/{digest}")).status == 200
     # the page refreshes itself: no reload
-    await page.wait_for_function(f"{hits} === '3'", timeout=15_000)
+    await page.wait_for_function(f"() => {hits} === '3'", timeout=15_000)
     await page.wait_for_function(
-        "document.querySelector('tr[data-tier=\"disk\"] td[data-key=\"hits\"]').textContent !== '0'", timeout=15_000
+        "() => document.querySelector('tr[data-tier=\"disk\"] td[data-key=\"hits\"]').textContent !== '0'",
+        timeout=15_000,
     )
     text = await page.inner_text("body")
     assert "hit ratio" in text and "%" in text and "uptime" in text

@@ -162,5 +162,8 @@ async def test_batch_api(make_proxy: ProxyFactory, tmp_path: Path) -> None:
     )
     assert response.status == 200
     assert (await response.json(content_type=None))["objects"][0]["error"]["code"] == 404
+    for garbage in ("Basic ***", "Basic é"):  # a 401 like no credentials, not a 500
+        status, _, body = await batch("upload", len(data), Authorization=garbage)
+        assert status == 401 and body["message"]
     bad = await proxy.post("/lfs/objects/batch", data=b"{", headers=headers)
     assert bad.status == 400 and (await bad.json(content_type=None))["message"]

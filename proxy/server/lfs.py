@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +40,7 @@ def authorization(request: web.Request) -> str | None:
         return header
     try:
         _, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8
         return None
     return f"Bearer {password}" if password else None
 
