@@ -10,6 +10,10 @@ from typing import Any
 from proxy import __version__
 
 _HEX_LENGTH = {"sha1": 40, "sha256": 64}
+_EMPTY = {  # the digests of no bytes at all: examples every reader can check
+    "sha1": "da39a3ee5e6b4b0d3255bfef95601890afd80709",
+    "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+}
 _STATUS_TEXT = {
     304: "the client's copy (by ETag) is current",
     400: "bad request: a malformed name, body or header",
@@ -57,6 +61,7 @@ def _hash(algorithm: str) -> dict[str, Any]:
         "required": True,
         "description": f"the {algorithm} of the blob's bytes: {length} hex digits, any case",
         "schema": {"type": "string", "pattern": f"^[0-9a-fA-F]{{{length}}}$"},
+        "example": _EMPTY[algorithm],
     }
 
 
