@@ -27,7 +27,7 @@ from proxy.server.openapi import openapi
 from tests.conftest import free_port, write_config
 from tests.processes import ProxyProcess
 
-EXAMPLES = 12  # per operation: ~30 operations, some 350 cases in about half a minute
+EXAMPLES = 12  # per operation, plus examples and edge cases: about 800 cases in ~25 s
 schema = schemathesis.openapi.from_dict(openapi())
 cases = 0
 
