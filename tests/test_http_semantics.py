@@ -16,7 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ProxyFactory, make_blob
+from proxy.config import load_config
+from proxy.errors import ConfigError
+from tests.conftest import ProxyFactory, make_blob, write_config
 
 Client = TestClient[web.Request, web.Application]
 APP = "http://app.example"
@@ -237,3 +239,10 @@ async def test_any_origin_may_read_but_not_write(make_proxy: ProxyFactory, tmp_p
     ask = {**somewhere, "Access-Control-Request-Method": "PUT"}
     await problem(await client.options(f"/sha1/{digest}", headers=ask), 403)
     await problem(await client.put(f"/sha1/{digest}", data=data, headers=somewhere), 403)
+
+
+@pytest.mark.parametrize("origin", ["app.example.com", "https://app.example.com/path", "ftp://x"])
+def test_an_allowed_origin_that_is_no_origin_is_a_config_error(tmp_path: Path, origin: str) -> None:
+    path = write_config(tmp_path / "c.toml", [], cors={"allow_origins": ["https://ok.example", origin]})
+    with pytest.raises(ConfigError, match=r"cors\.allow_origins\[1\]"):
+        load_config(str(path), environ={})
