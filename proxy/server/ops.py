@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from aiohttp import web
 
 from proxy.server.keys import SERVICE, STORE
-from proxy.tiers.disk import DiskTier
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -32,8 +30,8 @@ async def readyz(request: web.Request) -> web.Response:
         state: dict[str, object] = {"role": tier.role, "breaker": breaker.state, "failures": breaker.failures}
         if breaker.state != "closed":
             state["retry_in"] = round(breaker.retry_in, 3)
-        if isinstance(tier, DiskTier):
-            state["writable"] = await asyncio.to_thread(tier.writable)
+        if tier.role == "cache":
+            state["writable"] = await tier.ready()
             ready &= bool(state["writable"])
         if tier.role == "cache" and breaker.state == "open":
             ready = False

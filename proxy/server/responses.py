@@ -9,8 +9,8 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from proxy.errors import RangeNotSatisfiable
-from proxy.tier import FileBlob
+from proxy.errors import CorruptBlob, RangeNotSatisfiable
+from proxy.tier import FileBlob, retrieve
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -71,7 +71,7 @@ class SendfileResponse(web.StreamResponse):
                 if transport is None:
                     raise ConnectionResetError("connection lost")
                 try:
-                    await asyncio.get_running_loop().sendfile(transport, self._file, self._offset, self._count)
+                    await self._sendfile(transport)
                 except NotImplementedError:  # TLS or an odd transport: copy through Python
                     async for chunk in self._blob.chunks(self._offset):
                         await self.write(chunk[: self._count])
@@ -82,6 +82,28 @@ class SendfileResponse(web.StreamResponse):
         finally:
             self._file.close()
         return writer  # type: ignore[return-value]
+
+    async def _sendfile(self, transport: asyncio.Transport) -> None:
+        """All but the last byte while the file's check (if it has one) runs; the last byte
+        only once the check passed, else the connection is cut (SPEC 4: never a complete body
+        of wrong bytes)."""
+        loop = asyncio.get_running_loop()
+        if self._blob.check is None:
+            await loop.sendfile(transport, self._file, self._offset, self._count)
+            return
+        checked = self._blob.check()
+        try:
+            if self._count > 1:  # a count of 0 would mean "to the end of the file"
+                await loop.sendfile(transport, self._file, self._offset, self._count - 1)
+            try:
+                await checked
+            except CorruptBlob as error:
+                transport.abort()
+                raise ConnectionResetError(str(error)) from error
+            await loop.sendfile(transport, self._file, self._offset + self._count - 1, 1)
+        finally:
+            if not checked.done():
+                checked.add_done_callback(retrieve)
 
 
 async def send_stream(

@@ -1,0 +1,40 @@
+"""A purge generation shared by every process using one cache folder.
+
+``cache purge``, ``cache check`` and admin DELETE remove entries from the shared index, but each
+worker also holds small blobs in its own memory. Every removal bumps an 8-byte counter in a file
+of the cache folder; each process maps that file, so reading the counter is a memory read (no
+syscall on the hit path), and a process that sees it changed drops its memory copies.
+Purges are rare, so dropping everything is cheaper than telling workers which keys went.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+FILE = "generation"
+_COUNTER = struct.Struct("<Q")
+
+
+class Generation:
+    def __init__(self, folder: str) -> None:
+        fd = os.open(os.path.join(folder, FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < _COUNTER.size:
+                os.ftruncate(fd, _COUNTER.size)  # zeros: generation 0
+            self._map = mmap.mmap(fd, _COUNTER.size)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    def current(self) -> int:
+        value: int = _COUNTER.unpack_from(self._map)[0]
+        return value
+
+    def bump(self) -> None:
+        """Tell every process the folder lost entries. Two bumps racing may write the same
+        value: still a change from what both had seen, which is all a reader compares."""
+        _COUNTER.pack_into(self._map, 0, (self.current() + 1) % (1 << 64))
+
+    def close(self) -> None:
+        self._map.close()
