@@ -364,7 +364,7 @@ class DiskTier(Tier):
             "min_free": self.min_free,
             "entries": self._entries,
             "evictions": self.evictions,
-            "corrupt": self.corrupt,
+            "corrupt_evicted": self.corrupt,  # found corrupt on disk by this process, both read paths
             "memory_size": self.hot.size,
             "memory_limit": self.hot.limit,
         }
