@@ -217,3 +217,47 @@ async def test_cache_purge_and_check_reach_a_running_server(tmp_path: Path, sess
         assert await get() == "MISS"
     finally:
         proxy.stop()
+
+
+async def test_a_flipped_byte_in_a_large_entry_under_uvloop_cuts_the_connection(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """uvloop has no sendfile: the file is copied through Python, checked the same way."""
+    pytest.importorskip("uvloop")
+    data, digest = make_blob(3 << 20)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / digest).write_bytes(data)
+    cache = tmp_path / "cache"
+    port = free_port()
+    config = write_config(
+        tmp_path / "config.toml",
+        [
+            {"name": "disk", "kind": "disk", "role": "cache", "path": str(cache)},
+            {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+        ],
+        server={"host": "127.0.0.1", "port": port, "access_log": False, "event_loop": "uvloop"},
+    )
+    proxy = ProxyProcess(config, port, tmp_path / "proxy.log")
+
+    async def get() -> tuple[str, bytes]:
+        async with session.get(f"{proxy.url}/sha1/{digest}") as response:
+            assert response.status == 200
+            return response.headers["X-Cache"], await response.read()
+
+    try:
+        proxy.start()
+        await proxy.wait_healthy(session, limit=20)
+        for _ in range(200):
+            cached, body = await get()
+            assert body == data
+            if cached == "HIT":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("never cached")
+        flip_file_byte(cache, len(data))
+        with pytest.raises(aiohttp.ClientError):
+            await get()
+        assert await get() == ("MISS", data)
+    finally:
+        proxy.stop()
