@@ -22,7 +22,9 @@ class Generation:
         fd = os.open(os.path.join(folder, FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if os.fstat(fd).st_size < _COUNTER.size:
-                os.ftruncate(fd, _COUNTER.size)  # zeros: generation 0
+                # Written, not truncated to size: a sparse page would need a block on the first
+                # bump, and a full disk then kills the process with SIGBUS.
+                os.pwrite(fd, bytes(_COUNTER.size), 0)
             self._map = mmap.mmap(fd, _COUNTER.size)
         finally:
             os.close(fd)  # the mapping keeps the file

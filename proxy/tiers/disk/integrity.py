@@ -8,12 +8,18 @@ name (the real digest, in the same pass) and get their checksum then.
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import BinaryIO
 
 import xxhash
 
 from proxy.digest import Digest
+from proxy.errors import BadDigest
 from proxy.tier import CHUNK_SIZE
+from proxy.tiers.disk.index import Index
+
+log = logging.getLogger(__name__)
 
 
 def checksum(data: bytes) -> str:
@@ -48,3 +54,33 @@ def legacy_checksum(digest: Digest, data: bytes | None, fd: int | None, size: in
             named.update(chunk)
             fast.update(chunk)
     return fast.hexdigest() if digest.matches(named) else None
+
+
+def recheck(index: Index) -> tuple[int, list[str]]:
+    """``casproxy cache check``: hash every entry by its digest again (stronger than its
+    checksum, and covering entries without one) and remove the ones that do not match (bit rot,
+    a file changed by hand). How many were checked, and the removed keys."""
+    checked, removed = 0, []
+    for key in index.digests():
+        checked += 1
+        try:
+            entry = index.get(key)
+            good = entry is None or _hashes_to_its_name(key, entry[0])  # None: evicted meanwhile
+        except (OSError, ValueError, BadDigest):  # its file is gone, or not a blob of ours
+            good = False
+        if not good and index.delete(key):
+            removed.append(key)
+            log.warning("%s: removed %s: its bytes do not hash to its name", index.path, key)
+    return checked, removed
+
+
+def _hashes_to_its_name(key: str, value: bytes | BinaryIO) -> bool:
+    digest = Digest.parse(key)
+    hasher = digest.hasher()
+    if isinstance(value, bytes):
+        hasher.update(value)
+    else:
+        with value:
+            while chunk := value.read(CHUNK_SIZE):
+                hasher.update(chunk)
+    return digest.matches(hasher)

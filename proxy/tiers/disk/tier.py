@@ -22,7 +22,7 @@ from typing import BinaryIO, ClassVar
 from proxy import metrics
 from proxy.blocking import run_on
 from proxy.digest import Digest
-from proxy.errors import BadDigest, ConfigError, CorruptBlob, TierError
+from proxy.errors import ConfigError, CorruptBlob, TierError
 from proxy.store.spool import SPOOL_PREFIX
 from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Role, Stat, Tier, Usage
 from proxy.tiers.disk import integrity, recovery
@@ -319,18 +319,9 @@ class DiskTier(Tier):
         return await run_on(self._executor, self._check)
 
     def _check(self) -> tuple[int, list[str]]:
-        checked, removed = 0, []
-        for key in self.index.digests():
-            checked += 1
-            try:
-                entry = self.index.get(key)
-                good = entry is None or _hashes_to_its_name(key, entry[0])  # None: evicted meanwhile
-            except (OSError, ValueError, BadDigest):  # its file is gone, or not a blob of ours
-                good = False
-            if not good and self.index.delete(key):
-                self.hot.discard(key)
-                removed.append(key)
-                log.warning("%s: removed %s: its bytes do not hash to its name", self.name, key)
+        checked, removed = integrity.recheck(self.index)
+        for key in removed:
+            self.hot.discard(key)
         if removed:
             self._removed()
         return checked, removed
@@ -341,17 +332,7 @@ class DiskTier(Tier):
         self._bytes, self._entries = self.index.volume(), self.index.count()
 
     async def ready(self) -> bool:
-        return await run_on(self._executor, self._writable)
-
-    def _writable(self) -> bool:
-        probe = os.path.join(self.spool_dir, f"{SPOOL_PREFIX}probe")
-        try:
-            with open(probe, "wb") as file:
-                file.write(b"ok")
-            os.unlink(probe)
-        except OSError:
-            return False
-        return True
+        return await run_on(self._executor, _writable, self.spool_dir)
 
     def usage(self) -> Usage:
         return Usage(self._bytes, self.size_limit, self._entries, self.evictions)
@@ -370,13 +351,12 @@ class DiskTier(Tier):
         }
 
 
-def _hashes_to_its_name(key: str, value: bytes | BinaryIO) -> bool:
-    digest = Digest.parse(key)
-    hasher = digest.hasher()
-    if isinstance(value, bytes):
-        hasher.update(value)
-    else:
-        with value:
-            while chunk := value.read(1 << 20):
-                hasher.update(chunk)
-    return digest.matches(hasher)
+def _writable(folder: str) -> bool:
+    probe = os.path.join(folder, f"{SPOOL_PREFIX}probe")
+    try:
+        with open(probe, "wb") as file:
+            file.write(b"ok")
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
