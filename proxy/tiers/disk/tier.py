@@ -246,6 +246,7 @@ class DiskTier(Tier):
         self._refresh_usage()
 
     async def stat(self, digest: Digest) -> Stat | None:
+        self._follow_purges()
         data = self.hot.get(digest)
         if data is not None:
             return Stat(len(data))
