@@ -2,7 +2,7 @@
 crash recovery (one module each in this package).
 
 Only bytes this process verified get in (``put`` takes a verified Payload), each with its
-checksum; whatever comes off the disk is checked against it (integrity.py). Small hits are
+checksum; whatever comes off the disk is checked against it (reads.py). Small hits are
 served from an in-process hot LRU, large ones as open files for sendfile, checked alongside the
 send. Size and entry counts are kept in memory, refreshed from the index off the loop.
 """
@@ -10,19 +10,18 @@ send. Size and entry counts are kept in memory, refreshed from the index off the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, ClassVar
+from typing import ClassVar
 
 from proxy import metrics
 from proxy.blocking import run_on
 from proxy.digest import Digest
-from proxy.errors import ConfigError, CorruptBlob, TierError
+from proxy.errors import ConfigError, TierError
 from proxy.store.spool import SPOOL_PREFIX
 from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Role, Stat, Tier, Usage
 from proxy.tiers.disk import integrity, recovery
@@ -30,6 +29,7 @@ from proxy.tiers.disk.eviction import AccessTimes, make_room
 from proxy.tiers.disk.generation import Generation
 from proxy.tiers.disk.hot import HotCache
 from proxy.tiers.disk.index import Index
+from proxy.tiers.disk.reads import CheckedReads, LargeEntry
 from proxy.units import SizeArg, parse_size
 
 DEFAULT_SIZE_LIMIT = 10 << 30
@@ -71,13 +71,13 @@ class DiskTier(Tier):
         self._file_threshold = parse_size(file_threshold)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"tier-{name}")
         self._index: Index | None = None
+        self._reads: CheckedReads | None = None
         self._generation: Generation | None = None
         self._access = AccessTimes()
         self._tasks: list[asyncio.Task[None]] = []
         self._bytes = 0  # the index's volume and entry count, as last read (off the loop)
         self._entries = 0
         self.evictions = 0
-        self.corrupt = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -100,6 +100,7 @@ class DiskTier(Tier):
             )
         self.spool_dir = recovery.claim_spool(self.path)
         self._index = Index(self.path, self.size_limit, self._file_threshold)
+        self._reads = CheckedReads(self.name, self._index, self.hot, self._access, self._refresh_usage)
         self._generation = Generation(self.path)
         self.hot.clear(self._generation.current())
         self._refresh_usage()
@@ -147,6 +148,12 @@ class DiskTier(Tier):
             raise TierError(f"{self.name}: not started")
         return self._index
 
+    @property
+    def reads(self) -> CheckedReads:
+        if self._reads is None:
+            raise TierError(f"{self.name}: not started")
+        return self._reads
+
     # -- the protocol --------------------------------------------------------------------
 
     def peek(self, digest: Digest) -> Blob | None:
@@ -174,76 +181,19 @@ class DiskTier(Tier):
         found = await run_on(self._executor, self._read, digest)
         if found is None or isinstance(found, bytes):
             return None if found is None else BytesBlob(found)
-        file, size, expected = found
+        entry = found
 
         def check() -> asyncio.Future[None]:
             # Its own descriptor: the sender may close the file before the check ends.
-            fd = os.dup(file.fileno())
-            return asyncio.ensure_future(run_on(self._executor, self._check_copy, digest, fd, size, expected))
+            fd = os.dup(entry.file.fileno())
+            return asyncio.ensure_future(
+                run_on(self._executor, self.reads.check_copy, digest, fd, entry.size, entry.checksum)
+            )
 
-        return FileBlob(file, size, check=check)
+        return FileBlob(entry.file, entry.size, check=check)
 
-    def _read(self, digest: Digest) -> bytes | tuple[BinaryIO, int, str] | None:
-        """The entry's bytes (checked), or for a large one its open file, size and checksum."""
-        generation = self._follow_purges()
-        try:
-            entry = self.index.get(digest)
-        except (OSError, ValueError) as error:  # file evicted under us, or a foreign entry
-            raise TierError(f"{self.name}: {error}") from error
-        if entry is None:
-            return None
-        value, expected = entry
-        self._access.record(digest)
-        if isinstance(value, bytes):
-            data = value
-        else:
-            size = os.fstat(value.fileno()).st_size
-            if size > self.hot.item_limit:
-                if expected is None:
-                    expected = self._adopt(digest, None, value, size)
-                return value, size, expected
-            with value:
-                data = value.read()
-        if expected is None:
-            self._adopt(digest, data, None, len(data))
-        elif integrity.checksum(data) != expected:
-            self._evict_corrupt(digest)
-            raise CorruptBlob(f"{self.name}: {digest}: its bytes on disk changed (checksum mismatch); evicted")
-        self.hot.add(digest, data, generation)
-        return data
-
-    def _adopt(self, digest: Digest, data: bytes | None, file: BinaryIO | None, size: int) -> str:
-        """An entry of a version before checksums: verify it against its name once and record
-        its checksum, or evict it."""
-        found = integrity.legacy_checksum(digest, data, file.fileno() if file else None, size)
-        if found is None:
-            if file is not None:
-                file.close()
-            self._evict_corrupt(digest)
-            raise CorruptBlob(f"{self.name}: {digest}: its bytes do not hash to its name; evicted")
-        self.index.set_checksum(digest, found)
-        return found
-
-    def _check_copy(self, digest: Digest, fd: int, size: int, expected: str) -> None:
-        """Hash a large entry's file while it is being sent; raises CorruptBlob on a mismatch
-        (the sender then cuts the connection before the last byte)."""
-        try:
-            actual = integrity.file_checksum(fd, size)
-        finally:
-            os.close(fd)
-        if actual != expected:
-            self._evict_corrupt(digest)
-            # Nobody above sees this failure (the send started as a hit): count it here.
-            metrics.LOOKUPS.labels(self.name, "corrupt").inc()
-            raise CorruptBlob(f"{self.name}: {digest}: its bytes on disk changed (checksum mismatch); evicted")
-
-    def _evict_corrupt(self, digest: Digest) -> None:
-        self.corrupt += 1
-        log.error("%s: %s is corrupt on disk (bit rot, or changed by hand): evicted", self.name, digest)
-        self.hot.discard(digest)
-        with contextlib.suppress(OSError):
-            self.index.delete(digest)
-        self._refresh_usage()
+    def _read(self, digest: Digest) -> bytes | LargeEntry | None:
+        return self.reads.read(digest, self._follow_purges())
 
     async def stat(self, digest: Digest) -> Stat | None:
         self._follow_purges()
@@ -256,9 +206,8 @@ class DiskTier(Tier):
         found = self._read(digest)
         if found is None or isinstance(found, bytes):
             return None if found is None else Stat(len(found))
-        file, size, _ = found
-        file.close()
-        return Stat(size)
+        found.file.close()
+        return Stat(found.size)
 
     async def put(self, digest: Digest, payload: Payload) -> None:
         try:
@@ -346,7 +295,8 @@ class DiskTier(Tier):
             "min_free": self.min_free,
             "entries": self._entries,
             "evictions": self.evictions,
-            "corrupt_evicted": self.corrupt,  # found corrupt on disk by this process, both read paths
+            # found corrupt on disk and evicted by this process, on both read paths
+            "corrupt_evicted": self._reads.corrupt if self._reads is not None else 0,
             "memory_size": self.hot.size,
             "memory_limit": self.hot.limit,
         }
