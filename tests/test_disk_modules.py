@@ -1,5 +1,5 @@
 """Unit tests of the disk tier's modules: the hot cache, the purge generation, checksums, the
-index, eviction's access times and crash recovery, each on its own."""
+index, checked reads, eviction's access times and crash recovery, each on its own."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from proxy.digest import Digest
+from proxy.errors import CorruptBlob
 from proxy.tiers.disk import integrity, recovery
 from proxy.tiers.disk.eviction import AccessTimes, make_room
 from proxy.tiers.disk.generation import Generation
 from proxy.tiers.disk.hot import HotCache
 from proxy.tiers.disk.index import Index
+from proxy.tiers.disk.reads import CheckedReads, LargeEntry
 from tests.conftest import make_blob
 
 
@@ -194,5 +196,36 @@ def test_the_sweep_removes_torn_entries_of_gone_writers_only(tmp_path: Path, mon
         monkeypatch.setattr(recovery, "LEGACY_GRACE", -1.0)  # ctime cannot be set back: "old enough"
         assert recovery.sweep_torn(index, started) == [str(legacy)]
         assert (tmp_path / known).exists() and in_flight.exists()
+    finally:
+        index.close()
+
+
+def test_checked_reads_serve_only_bytes_matching_their_checksum(tmp_path: Path) -> None:
+    index = Index(str(tmp_path), size_limit=1 << 30, file_threshold=1000)
+    hot, access, removals = HotCache(1 << 20, 2000), AccessTimes(), []
+    reads = CheckedReads("disk", index, hot, access, lambda: removals.append(1))
+    try:
+        (small, small_digest), (large, large_digest) = make_blob(500), make_blob(5000)
+        index.set_bytes(small_digest, small, integrity.checksum(small))
+        assert reads.read(Digest(small_digest), hot.generation) == small
+        assert hot.get(small_digest) == small and access.take() == {small_digest}
+
+        spooled = tmp_path / "spooled"
+        spooled.write_bytes(large)
+        index.set_file(large_digest, str(spooled), integrity.checksum(large))
+        entry = reads.read(Digest(large_digest), hot.generation)  # over the hot item limit
+        assert isinstance(entry, LargeEntry) and entry.size == len(large)
+        reads.check_copy(Digest(large_digest), os.dup(entry.file.fileno()), entry.size, entry.checksum)
+        with pytest.raises(CorruptBlob):
+            reads.check_copy(Digest(large_digest), os.dup(entry.file.fileno()), entry.size, "0" * 16)
+        entry.file.close()
+        assert index.get(large_digest) is None and reads.corrupt == 1
+
+        index.set_bytes(small_digest, small, "0" * 16)  # bytes that no longer match
+        hot.discard(small_digest)
+        with pytest.raises(CorruptBlob):
+            reads.read(Digest(small_digest), hot.generation)
+        assert index.get(small_digest) is None and hot.get(small_digest) is None
+        assert reads.corrupt == 2 and len(removals) == 2
     finally:
         index.close()
