@@ -16,7 +16,7 @@ from typing import Any
 import diskcache
 from harness import PROCESSES, disk_tier, fs_tier, log, sha1_hex, spawn_casproxy, write_casproxy_config
 
-from proxy.tiers.disk import RawDisk
+from proxy.tiers.disk.index import RawDisk
 
 CACHE_FORMAT = 1  # bump when the way entries are built changes, to rebuild kept caches
 _INSERT = (

@@ -179,7 +179,7 @@ async def cache_command(config: Config, action: str, hashes: list[str]) -> int:
         else:
             report = {}
             for tier in caches:
-                if isinstance(tier, DiskTier):
+                if isinstance(tier, DiskTier):  # the one kind that can re-hash its entries
                     checked, removed = await tier.check()
                     report[tier.name] = {"checked": checked, "removed": removed}
                     damaged |= bool(removed)

@@ -57,20 +57,31 @@ class FileBlob(Blob):
 
     size: int
 
-    def __init__(self, file: BinaryIO, size: int) -> None:
+    def __init__(self, file: BinaryIO, size: int, *, check: Callable[[], asyncio.Future[None]] | None = None) -> None:
         self.file = file
         self.size = size
+        # Starts checking the whole file's bytes (the disk cache's checksum) alongside a read;
+        # the awaitable raises CorruptBlob on a mismatch. A reader awaits it before handing out
+        # the last byte, so a client never gets a complete body of wrong bytes.
+        self.check = check
 
     async def chunks(self, start: int = 0) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         fd = self.file.fileno()
+        checked = self.check() if self.check is not None else None
         offset = start
-        while offset < self.size:
-            chunk = await loop.run_in_executor(None, os.pread, fd, min(CHUNK_SIZE, self.size - offset), offset)
-            if not chunk:
-                raise OSError(f"{self.file.name}: ends at {offset} of {self.size} bytes")
-            offset += len(chunk)
-            yield chunk
+        try:
+            while offset < self.size:
+                chunk = await loop.run_in_executor(None, os.pread, fd, min(CHUNK_SIZE, self.size - offset), offset)
+                if not chunk:
+                    raise OSError(f"{self.file.name}: ends at {offset} of {self.size} bytes")
+                offset += len(chunk)
+                if offset == self.size and checked is not None:
+                    await checked
+                yield chunk
+        finally:
+            if checked is not None and not checked.done():
+                checked.add_done_callback(retrieve)  # the reader left: nobody will await it
 
     async def close(self) -> None:
         self.file.close()
@@ -203,3 +214,9 @@ class Tier(ABC):
     def describe(self) -> dict[str, object]:
         """State for /stats and the status page: from memory, never blocking (it runs on the loop)."""
         return {}
+
+
+def retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a check nobody awaits as seen (its failure was logged and counted by the tier)."""
+    if not future.cancelled():
+        future.exception()

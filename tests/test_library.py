@@ -206,9 +206,9 @@ async def test_disk_min_free_evicts_to_keep_free_space(tmp_path: Path, monkeypat
     disk = DiskTier(str(tmp_path / "cache"), min_free=total - (6 << 20), memory_limit=0)
 
     def usage(path: str) -> SimpleNamespace:
-        return SimpleNamespace(free=total - disk.cache.volume())
+        return SimpleNamespace(free=total - disk.index.volume())
 
-    monkeypatch.setattr("proxy.tiers.disk.shutil.disk_usage", usage)
+    monkeypatch.setattr("proxy.tiers.disk.eviction.shutil.disk_usage", usage)
     # Room for one blob above min_free, not two (2 MiB margins either way).
     async with Composite([disk, DictAPI({first_digest: first, second_digest: second})]) as store:
         await store.get(first_digest)

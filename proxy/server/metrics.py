@@ -7,7 +7,6 @@ queue) are read at scrape time: every worker sees the same cache and queue.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,8 +18,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy import metrics
+from proxy.blocking import run
 from proxy.server.keys import SERVICE
-from proxy.tiers.disk import DiskTier
+from proxy.tier import Usage
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,18 +50,18 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 class _SharedState(Collector):
     """The disk cache tiers and the upload queue, as this worker sees them now."""
 
-    def __init__(self, disks: list[tuple[str, int, int, int]], queue_depth: int) -> None:
-        self.disks = disks
+    def __init__(self, usages: dict[str, Usage], queue_depth: int) -> None:
+        self.usages = usages
         self.queue_depth = queue_depth
 
     def collect(self) -> Iterator[Metric]:
         size = GaugeMetricFamily("casproxy_disk_cache_bytes", "Bytes stored in each disk cache tier", labels=["tier"])
         limit = GaugeMetricFamily("casproxy_disk_cache_limit_bytes", "size_limit of each disk tier", labels=["tier"])
         entries = GaugeMetricFamily("casproxy_disk_cache_entries", "Blobs in each disk cache tier", labels=["tier"])
-        for name, volume, size_limit, count in self.disks:
-            size.add_metric([name], volume)
-            limit.add_metric([name], size_limit)
-            entries.add_metric([name], count)
+        for name, usage in self.usages.items():
+            size.add_metric([name], usage.bytes)
+            limit.add_metric([name], usage.limit)
+            entries.add_metric([name], usage.entries)
         yield from (size, limit, entries)
         yield GaugeMetricFamily(
             "casproxy_upload_queue_depth", "Copies waiting in the replication queue", value=self.queue_depth
@@ -83,11 +83,7 @@ def exposition(state: Collector) -> bytes:
 
 async def get_metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    disks = [tier for tier in service.store.tiers if isinstance(tier, DiskTier)]
-    state = _SharedState(
-        # describe() runs SQLite queries, and the multiprocess files are read from disk: not on the loop
-        await asyncio.to_thread(lambda: [(d.name, d.cache.volume(), d.size_limit, len(d.cache)) for d in disks]),
-        await service.queue.depth(),
-    )
-    body = await asyncio.to_thread(exposition, state)
+    usages = {tier.name: usage for tier in service.store.tiers if (usage := tier.usage()) is not None}
+    state = _SharedState(usages, await service.queue.depth())
+    body = await run(exposition, state)  # the multiprocess files are read from disk: not on the loop
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import time
@@ -11,7 +10,6 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.server.keys import SERVICE, STORE
-from proxy.tiers.disk import DiskTier
 
 _STARTED = time.time()  # imported as the server starts: its uptime
 
@@ -37,8 +35,8 @@ async def readyz(request: web.Request) -> web.Response:
         state: dict[str, object] = {"role": tier.role, "breaker": breaker.state, "failures": breaker.failures}
         if breaker.state != "closed":
             state["retry_in"] = round(breaker.retry_in, 3)
-        if isinstance(tier, DiskTier):
-            state["writable"] = await asyncio.to_thread(tier.writable)
+        if tier.role == "cache":
+            state["writable"] = await tier.ready()
             ready &= bool(state["writable"])
         if tier.role == "cache" and breaker.state == "open":
             ready = False

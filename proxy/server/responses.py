@@ -9,8 +9,8 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from proxy.errors import RangeNotSatisfiable
-from proxy.tier import FileBlob
+from proxy.errors import CorruptBlob, RangeNotSatisfiable
+from proxy.tier import FileBlob, retrieve
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -85,17 +85,47 @@ class SendfileResponse(web.StreamResponse):
                 if transport is None:
                     raise ConnectionResetError("connection lost")
                 try:
-                    await asyncio.get_running_loop().sendfile(transport, self._file, self._offset, self._count)
-                except NotImplementedError:  # TLS or an odd transport: copy through Python
-                    async for chunk in self._blob.chunks(self._offset):
-                        await self.write(chunk[: self._count])
-                        self._count -= len(chunk)
-                        if self._count <= 0:
-                            break
+                    await self._send(transport)
+                except CorruptBlob as error:  # the disk copy failed its check: no last byte
+                    transport.abort()
+                    raise ConnectionResetError(str(error)) from error
             await super().write_eof()
         finally:
             self._file.close()
         return writer  # type: ignore[return-value]
+
+    async def _send(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        if type(loop) not in _WITHOUT_SENDFILE:
+            try:
+                await self._sendfile(loop, transport)
+                return
+            except NotImplementedError:  # uvloop: remembered, so a check is not started twice
+                _WITHOUT_SENDFILE.add(type(loop))
+        async for chunk in self._blob.chunks(self._offset):  # copy through Python
+            await self.write(chunk[: self._count])
+            self._count -= len(chunk)
+            if self._count <= 0:
+                break
+
+    async def _sendfile(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
+        """All but the last byte while the file's check (if it has one) runs; the last byte
+        only once the check passed (SPEC 4: never a complete body of wrong bytes)."""
+        if self._blob.check is None:
+            await loop.sendfile(transport, self._file, self._offset, self._count)
+            return
+        checked = self._blob.check()
+        try:
+            if self._count > 1:  # a count of 0 would mean "to the end of the file"
+                await loop.sendfile(transport, self._file, self._offset, self._count - 1)
+            await checked
+            await loop.sendfile(transport, self._file, self._offset + self._count - 1, 1)
+        finally:
+            if not checked.done():
+                checked.add_done_callback(retrieve)
+
+
+_WITHOUT_SENDFILE: set[type[asyncio.AbstractEventLoop]] = set()  # event loop kinds (uvloop)
 
 
 async def send_stream(
