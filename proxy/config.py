@@ -42,6 +42,8 @@ class ServerConfig:
     event_loop: Literal["asyncio", "uvloop"] = setting("asyncio", "or uvloop: faster small hits, slower large ones")
     log_format: Literal["text", "json"] = setting("text", "text, or json: every log line one JSON object")
     access_log: bool = setting(True, "one line per request (query strings, i.e. ticket signatures, never logged)")
+    # Hot hits answered below aiohttp (proxy.server.fastpath); false sends every request through aiohttp.
+    fast_path: bool = setting(True, "answer GET/HEAD of blobs held in memory below aiohttp; false to compare")
     metrics_port: int = setting(0, "> 0: also serve /metrics, /healthz, /readyz on metrics_host:metrics_port")
     metrics_host: str = setting("0.0.0.0", "address for metrics_port (a sidecar on loopback can still be scraped)")
 

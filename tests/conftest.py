@@ -20,6 +20,7 @@ from moto.server import ThreadedMotoServer
 
 from proxy.config import Config, load_config
 from proxy.server.app import create_app
+from proxy.server.fastpath import make_runner
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -129,6 +130,17 @@ def bucket(s3_endpoint: str) -> Bucket:
     return Bucket(name, client, s3_endpoint)
 
 
+class ProxyServer(TestServer):
+    """A TestServer started as `casproxy serve` starts: with the fast path unless config says not."""
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        super().__init__(create_app(config), **kwargs)
+        self.config = config
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return make_runner(self.app, self.config, **kwargs)
+
+
 ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
@@ -145,7 +157,7 @@ async def make_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
         sections = {**sections, "server": {"host": "127.0.0.1", "port": port, **sections.get("server", {})}}
         path = write_config(tmp_path / f"config-{len(clients)}.toml", tiers, **sections)
         config: Config = load_config(str(path), environ={})
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1", port=port))
+        client = TestClient(ProxyServer(config, host="127.0.0.1", port=port))
         await client.start_server()
         clients.append(client)
         return client

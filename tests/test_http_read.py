@@ -27,6 +27,17 @@ def tiers(tmp_path: Path, **disk: Any) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.fixture(params=[True, False], ids=["fast-path", "aiohttp-only"])
+def make_proxy(make_proxy: ProxyFactory, request: pytest.FixtureRequest) -> ProxyFactory:
+    """Every test here runs with the hot-hit fast path in front of aiohttp, and without it."""
+
+    async def factory(tiers: list[dict[str, Any]], **sections: dict[str, Any]) -> Client:
+        server = {**sections.pop("server", {}), "fast_path": request.param}
+        return await make_proxy(tiers, server=server, **sections)
+
+    return factory
+
+
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory, tmp_path: Path) -> Client:
     return await make_proxy(tiers(tmp_path), uploads={"targets": ["local"]}, server={"stream_threshold": 65536})

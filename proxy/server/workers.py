@@ -78,28 +78,43 @@ def bind(config: Config, reuse_port: bool = False) -> socket.socket:
 def run_server(config: Config, reuse_port: bool = False, announce: str = "serving") -> None:
     """Serve in this process until SIGTERM or SIGINT. The start-up, in order: bind, start the
     tiers (the app's startup), then say "serving on" with the real address."""
+    sock = bind(config, reuse_port)
+    loop = new_event_loop(config.server.event_loop)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve(config, sock, announce))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(config: Config, sock: socket.socket, announce: str) -> None:
     from aiohttp import web
 
     from proxy.server.accesslog import AccessLogger, JsonAccessLogger
     from proxy.server.app import create_app
+    from proxy.server.fastpath import make_runner
 
-    sock = bind(config, reuse_port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def started(_: str) -> None:  # aiohttp calls this once the app started and the site listens
-        log.info("casproxy %s %s on %s (config: %s)", __version__, announce, url, config.source)
-
     logger: Any = JsonAccessLogger if config.server.log_format == "json" else AccessLogger
-    web.run_app(
+    # An AppRunner, not web.run_app: the fast path's runner puts its protocol in front of aiohttp's.
+    runner = make_runner(
         create_app(config),
-        sock=sock,
+        config,
         access_log_class=logger,
         access_log=logging.getLogger("casproxy.access") if config.server.access_log else None,
-        print=started,
-        handle_signals=True,
-        loop=new_event_loop(config.server.event_loop),
     )
+    await runner.setup()  # starts the tiers
+    try:
+        await web.SockSite(runner, sock).start()
+        log.info("casproxy %s %s on %s (config: %s)", __version__, announce, url, config.source)
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # finishes the requests in flight, then closes the tiers
 
 
 def serve(config: Config) -> int:

@@ -1,0 +1,366 @@
+"""Hot hits below aiohttp: a protocol in front of aiohttp's own, per connection.
+
+A GET or HEAD of a blob held in process memory (``Composite.peek``) is answered here from
+prebuilt header bytes and the blob's bytes: a few microseconds of Python instead of an aiohttp
+request cycle. Every other request, and every one this module is unsure of, goes to aiohttp on
+the same connection: from that request on, the connection belongs to aiohttp's RequestHandler
+(``transport.set_protocol``), which gets the bytes not yet answered. Responses so stay in order
+under pipelining, and everything this module does not implement (bodies, chunked requests,
+HTTP/1.0, Expect, tickets, CORS, If-Match, errors, smuggling attempts) keeps aiohttp's answer.
+
+A request is answered here only if all of these hold: its head ends in CRLF CRLF within
+MAX_HEAD bytes; httptools parses it as one complete HTTP/1.1 message without a body; it is GET
+or HEAD of exactly ``/sha1/<40 hex>`` or ``/sha256/<64 hex>`` (no query: tickets live there);
+no header in UNSURE is present and none of the headers read here is repeated; no Range on
+HEAD; a Range is one satisfiable ``bytes=`` range or absent; and the blob is in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import Counter, Histogram
+
+from proxy import metrics
+from proxy.composite import Composite
+from proxy.config import Config
+from proxy.digest import Digest
+from proxy.errors import RangeNotSatisfiable
+from proxy.server.blobs import CACHE_CONTROL
+from proxy.server.keys import STORE
+from proxy.server.responses import etag_matches, parse_range
+
+MAX_HEAD = 8190  # aiohttp's own limit for a request line and each header: longer heads are its to refuse
+_SMALL_BODY = 64 << 10  # below this, head and body go out as one buffer (one send, one small copy)
+_BLOB = re.compile(rb"/(sha1)/([0-9a-fA-F]{40})|/(sha256)/([0-9a-fA-F]{64})")
+_PREFIXES = (b"GET /sha", b"HEAD /sha")
+# Headers that change what a GET means, or that this module does not implement: aiohttp's to answer.
+UNSURE = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+        b"origin",  # CORS: the answer depends on [cors]
+        b"authorization",  # may carry a token a ticket check would read
+        b"if-match",
+        b"if-range",
+        b"if-modified-since",
+        b"if-unmodified-since",
+    }
+)
+_READ = (b"if-none-match", b"range", b"connection", b"host")  # read here: a repeat is ambiguous
+_HEAD_CACHE_ENTRIES = 4096
+
+
+class HotHits:
+    """What every connection of one server shares: the store, prebuilt header bytes, the
+    metrics children and the access logger, each resolved once."""
+
+    def __init__(self, store: Composite, access_log: logging.Logger | None, json_log: bool) -> None:
+        self.store = store
+        self.access_log = access_log
+        self.json_log = json_log
+        self._heads: dict[tuple[str, str, bool, int], bytes] = {}
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._timers: dict[tuple[str, str], Histogram] = {}
+        self._second = 0
+        self._tail = b""
+        self.answered = 0  # requests answered here, not by aiohttp (for tests and /stats readers)
+
+    def head(self, digest: str, tier: str, hit: bool, length: int) -> bytes:
+        """Every 200 header a blob carries (as blobs.py sends them) but the per-second Date."""
+        key = (digest, tier, hit, length)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= _HEAD_CACHE_ENTRIES:
+                self._heads.clear()  # cheaper than an LRU; refilling costs one format per blob
+            head = self._heads[key] = (
+                f'ETag: "{digest}"\r\nCache-Control: {CACHE_CONTROL}\r\nAccept-Ranges: bytes\r\n'
+                f"Content-Type: application/octet-stream\r\nX-Cache: {'HIT' if hit else 'MISS'}\r\n"
+                f"X-Cache-Tier: {tier}\r\nContent-Length: {length}\r\n"
+            ).encode("latin-1")
+        return head
+
+    def tail(self) -> bytes:
+        """Date and Server, the end of every head; Date changes once a second."""
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+            self._tail = f"Date: {date}\r\nServer: {SERVER_SOFTWARE}\r\n".encode("latin-1")
+        return self._tail
+
+    def count(self, route: str, method: str, status: int, seconds: float) -> None:
+        """The same series metrics_middleware writes, children resolved once per label set."""
+        counter = self._counters.get((route, method, status))
+        if counter is None:
+            counter = self._counters[route, method, status] = metrics.REQUESTS.labels(route, method, str(status))
+        counter.inc()
+        timer = self._timers.get((route, method))
+        if timer is None:
+            timer = self._timers[route, method] = metrics.REQUEST_SECONDS.labels(route, method)
+        timer.observe(seconds)
+
+    def log(self, fields: dict[str, Any]) -> None:
+        """The access line of proxy.server.accesslog, in the same one logging call."""
+        assert self.access_log is not None
+        if self.json_log:
+            self.access_log.info("request", extra={"request": fields})
+        else:
+            self.access_log.info(
+                "%(remote)s %(method)s %(path)s %(status)s %(bytes)s %(ms)sms %(cache)s %(tier)s", fields
+            )
+
+
+class FastPath(asyncio.Protocol):
+    """One connection: answers hot hits until the first request it leaves to aiohttp, then
+    hands the connection to aiohttp's RequestHandler for good."""
+
+    def __init__(self, handler: RequestHandler, hot: HotHits) -> None:
+        self.handler = handler
+        self.hot = hot
+        self.transport: asyncio.Transport | None = None
+        self.remote = "-"
+        self.buffer = b""
+        self.writing_paused = False
+        self.closing = False
+        self.parser = httptools.HttpRequestParser(self)
+        # per request, filled by the parser's callbacks
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.repeated = False
+        self.complete = False
+        self.keep_alive = False
+        self.version = ""
+        self.method = b""
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in self.headers:
+            self.repeated = True
+        self.headers[name] = value
+
+    def on_headers_complete(self) -> None:
+        # llhttp resets these when the message ends: read them while they describe this one
+        self.keep_alive = self.parser.should_keep_alive()
+        self.version = self.parser.get_http_version()
+        self.method = self.parser.get_method()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, (list, tuple)) and peer:
+            self.remote = str(peer[0])
+        # aiohttp owns the connection's lifetime from the start (keep-alive, shutdown on exit).
+        self.handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.handler.connection_lost(exc)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()  # None: the transport closes once what was written is sent
+
+    def pause_writing(self) -> None:
+        # The client reads slower than hits are answered: read no more requests until it catches up.
+        self.writing_paused = True
+        self.handler.pause_writing()
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.handler.resume_writing()
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+            if self.buffer:
+                self.data_received(b"")
+
+    def data_received(self, data: bytes) -> None:
+        if self.buffer:
+            data = self.buffer + data
+            self.buffer = b""
+        offset = 0
+        while not self.closing:
+            if self.writing_paused:
+                self.buffer = data[offset:]
+                return
+            end = data.find(b"\r\n\r\n", offset)
+            if end < 0:
+                rest = data[offset:]
+                if len(rest) > MAX_HEAD or b"\n\n" in rest or not _may_be_fast(rest):
+                    self._hand_off(rest)
+                else:
+                    self.buffer = rest
+                return
+            end += 4
+            if end - offset > MAX_HEAD or not self._answer(data[offset:end]):
+                self._hand_off(data[offset:])
+                return
+            offset = end
+            if offset == len(data):
+                return
+
+    # -- the fast path ---------------------------------------------------------------------
+
+    def _hand_off(self, data: bytes) -> None:
+        """From here on aiohttp answers on this connection, starting with ``data``."""
+        assert self.transport is not None
+        self.closing = True  # this protocol sees no more bytes
+        self.transport.set_protocol(self.handler)
+        if data:
+            self.handler.data_received(data)
+
+    def _answer(self, head: bytes) -> bool:
+        """Answer one request head if it is a hot hit this module is sure of; False leaves it
+        (and everything after it) to aiohttp."""
+        started = time.perf_counter()
+        if not head.startswith(_PREFIXES) or b"\n\n" in head:
+            return False
+        self.url = b""
+        self.headers = {}
+        self.repeated = self.complete = False
+        try:
+            self.parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return False
+        if not self.complete or self.repeated or self.version != "1.1":
+            return False
+        headers = self.headers
+        if not UNSURE.isdisjoint(headers):
+            return False
+        match = _BLOB.fullmatch(self.url)
+        if match is None:
+            return False
+        method = self.method.decode("ascii")
+        ranged = b"range" in headers
+        if ranged and method == "HEAD":
+            return False  # SPEC 5.1: Range is ignored on HEAD; aiohttp's handler owns that answer
+        algorithm = "sha1" if match.group(1) else "sha256"
+        digest = Digest((match.group(2) or match.group(4)).decode("ascii").lower())
+        etag = f'"{digest}"'
+        if_none_match = headers.get(b"if-none-match")
+        if if_none_match is not None and not etag_matches(if_none_match.decode("latin-1"), etag):
+            if_none_match = None
+        found = self.hot.store.peek(digest)
+        if found is None:
+            return False
+        tier, data = found
+        hit = tier.role == "cache"
+        size = len(data)
+        body: bytes | memoryview = data
+        if if_none_match is not None:
+            # Content-addressed: a client holding this ETag holds exactly these bytes.
+            status = 304
+            first = b"HTTP/1.1 304 Not Modified\r\n"
+            head_bytes = f"ETag: {etag}\r\nCache-Control: {CACHE_CONTROL}\r\n".encode("latin-1")
+            body = b""
+        elif ranged:
+            try:
+                span = parse_range(headers[b"range"].decode("latin-1"), size)
+            except RangeNotSatisfiable:
+                return False  # aiohttp answers the 416 problem (the hit is counted twice)
+            if span is None:
+                status, first = 200, b"HTTP/1.1 200 OK\r\n"
+                head_bytes = self.hot.head(digest, tier.name, hit, size)
+            else:
+                start, end = span
+                status, first = 206, b"HTTP/1.1 206 Partial Content\r\n"
+                head_bytes = self.hot.head(digest, tier.name, hit, end - start) + (
+                    f"Content-Range: bytes {start}-{end - 1}/{size}\r\n".encode("latin-1")
+                )
+                body = memoryview(data)[start:end]
+        else:
+            status, first = 200, b"HTTP/1.1 200 OK\r\n"
+            head_bytes = self.hot.head(digest, tier.name, hit, size)
+        keep_alive = self.keep_alive
+        response = first + head_bytes + self.hot.tail() + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+        if method == "HEAD":
+            body = b""
+        self._send(response, body)
+        if not keep_alive:
+            self.closing = True
+            assert self.transport is not None
+            self.transport.close()  # after the buffered response is sent
+        seconds = time.perf_counter() - started
+        self.hot.answered += 1
+        self.hot.count(f"/{algorithm}/{{hash}}", method, status, seconds)
+        if self.hot.access_log is not None and self.hot.access_log.isEnabledFor(logging.INFO):  # cached by logging
+            self.hot.log(
+                {
+                    "remote": self.remote,
+                    "method": method,
+                    "path": self.url.decode("ascii"),
+                    "status": status,
+                    "bytes": len(body),
+                    "ms": round(seconds * 1000, 2),
+                    "cache": "HIT" if hit else "MISS",
+                    "tier": tier.name,
+                }
+            )
+        return True
+
+    def _send(self, head: bytes, body: bytes | memoryview) -> None:
+        assert self.transport is not None
+        if len(body) <= _SMALL_BODY:
+            self.transport.write(head + body if body else head)
+        else:
+            self.transport.writelines((head, body))
+
+
+def _may_be_fast(start: bytes) -> bool:
+    """Whether an incomplete head could still be one this module answers."""
+    return any(prefix.startswith(start[: len(prefix)]) for prefix in _PREFIXES)
+
+
+def protocol_factory(server: web.Server, hot: HotHits) -> Callable[[], asyncio.Protocol]:
+    """What ``loop.create_server`` calls per connection: aiohttp's handler behind a FastPath."""
+
+    def make() -> asyncio.Protocol:
+        return FastPath(server(), hot)
+
+    return make
+
+
+def make_runner(app: web.Application, config: Config, **kwargs: Any) -> web.AppRunner:
+    """The runner for ``app``: with the fast path in front unless config turns it off, or unless
+    every read needs a ticket (then no read is one this module may answer)."""
+    if not config.server.fast_path or config.auth.require_ticket:
+        return web.AppRunner(app, **kwargs)
+    return FastPathRunner(app, app[STORE], json_log=config.server.log_format == "json", **kwargs)
+
+
+class FastPathRunner(web.AppRunner):
+    """An AppRunner whose sites put a FastPath in front of each connection's RequestHandler.
+    Sites hand ``runner.server`` to ``loop.create_server`` as the protocol factory."""
+
+    def __init__(self, app: web.Application, store: Composite, *, json_log: bool = False, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        access_log = kwargs.get("access_log", logging.getLogger("aiohttp.access"))
+        self.hot = HotHits(store, access_log, json_log)
+
+    @property
+    def server(self) -> Any:  # a protocol factory in the place of web.Server: all sites use it so
+        inner = super().server
+        return None if inner is None else protocol_factory(inner, self.hot)

@@ -1,0 +1,290 @@
+"""The hot-hit fast path over raw sockets: the same bytes as aiohttp's answers, and HTTP/1.1's
+edges (pipelining mixed with requests it leaves to aiohttp, HTTP/1.0, Connection: close,
+smuggling attempts, oversized heads) answered exactly as without it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY
+
+from proxy.server.fastpath import FastPathRunner
+from proxy.server.keys import STORE
+from tests.conftest import ProxyFactory, make_blob
+
+Client = TestClient[web.Request, web.Application]
+Response = tuple[int, dict[str, str], bytes]
+
+
+async def start(make_proxy: ProxyFactory, tmp_path: Path, fast_path: bool) -> Client:
+    (tmp_path / "blobs").mkdir(exist_ok=True)
+    tiers = [
+        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / f"cache-{fast_path}")},
+        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+    ]
+    return await make_proxy(tiers, uploads={"targets": ["local"]}, server={"fast_path": fast_path})
+
+
+async def warm(clients: tuple[Client, ...], tmp_path: Path, size: int, algorithm: str = "sha1") -> tuple[bytes, str]:
+    """A blob the proxies now hold in memory: each fetched it once from the fs source."""
+    data, digest = make_blob(size, algorithm=algorithm)
+    (tmp_path / "blobs" / digest).write_bytes(data)
+    for client in clients:
+        response = await client.get(f"/{algorithm}/{digest}")
+        assert response.status == 200 and await response.read() == data
+        await client.app[STORE].wait_idle()
+    return data, digest
+
+
+def answered(client: Client) -> int:
+    runner = client.server.runner
+    return runner.hot.answered if isinstance(runner, FastPathRunner) else 0
+
+
+async def read_response(reader: asyncio.StreamReader, method: str = "GET") -> Response:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if method == "HEAD" or status in (204, 304):
+        body = b""
+    elif "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    else:
+        assert headers.get("transfer-encoding") == "chunked", headers
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            body += await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body = body[:-2]
+        body = body[:-2]
+    return status, headers, body
+
+
+async def exchange(client: Client, raw: bytes, methods: list[str]) -> tuple[list[Response], bool]:
+    """Send raw bytes in one write; read one response per method, in order; then whether the
+    server closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(raw)
+        responses = [await asyncio.wait_for(read_response(reader, m), 10) for m in methods]
+        closed = (
+            await asyncio.wait_for(reader.read(1), 10) == b"" if "close" in raw.decode("latin-1").lower() else False
+        )
+        return responses, closed
+    finally:
+        writer.close()
+
+
+def get(path: str, *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
+    return (
+        f"{method} {path} HTTP/{version}\r\nHost: x\r\n{''.join(h + chr(13) + chr(10) for h in headers)}\r\n".encode()
+    )
+
+
+def comparable(response: Response) -> Response:
+    status, headers, body = response
+    return status, {k: v for k, v in headers.items() if k != "date"}, body
+
+
+@pytest.fixture
+async def pair(make_proxy: ProxyFactory, tmp_path: Path) -> tuple[Client, Client]:
+    return await start(make_proxy, tmp_path, True), await start(make_proxy, tmp_path, False)
+
+
+@pytest.mark.parametrize(
+    ("headers", "method"),
+    [
+        ((), "GET"),
+        ((), "HEAD"),
+        (("Range: bytes=0-9",), "GET"),
+        (("Range: bytes=-5",), "GET"),
+        (("Range: bytes=70000-",), "GET"),
+        (("Range: bytes=0-1,5-6",), "GET"),  # several ranges: the whole blob
+        (("Range: bytes=0-9",), "HEAD"),  # left to aiohttp
+        (("Range: bytes=200000-",), "GET"),  # unsatisfiable: aiohttp's 416
+        (('If-None-Match: "{d}"',), "GET"),
+        (('If-None-Match: W/"{d}"',), "HEAD"),
+        (("If-None-Match: *",), "GET"),
+        (('If-None-Match: "other"',), "GET"),
+        (('If-Match: "other"',), "GET"),  # left to aiohttp
+        (("Connection: close",), "GET"),
+        (("Accept: */*", "User-Agent: test"), "GET"),
+    ],
+)
+async def test_same_answer_as_aiohttp(
+    pair: tuple[Client, Client], tmp_path: Path, headers: tuple[str, ...], method: str
+) -> None:
+    fast, slow = pair
+    data, digest = await warm(pair, tmp_path, 100_000)
+    request = get(f"/sha1/{digest}", *(h.format(d=digest) for h in headers), method=method)
+    before = answered(fast)
+    (fast_answer,), _ = await exchange(fast, request, [method])
+    (slow_answer,), _ = await exchange(slow, request, [method])
+    assert comparable(fast_answer) == comparable(slow_answer)
+    assert fast_answer[0] != 200 or method == "HEAD" or fast_answer[2] == data
+    unsure = any(h.startswith(("If-Match", "Range: bytes=200000")) for h in headers) or (
+        method == "HEAD" and any(h.startswith("Range") for h in headers)
+    )
+    assert answered(fast) == before + (0 if unsure else 1)
+
+
+async def test_sha256_in_capitals(pair: tuple[Client, Client], tmp_path: Path) -> None:
+    fast, _ = pair
+    data, digest = await warm((fast,), tmp_path, 5000, "sha256")
+    before = answered(fast)
+    ((status, headers, body),), _ = await exchange(fast, get(f"/sha256/{digest.upper()}"), ["GET"])
+    assert (status, body, headers["etag"]) == (200, data, f'"{digest}"')
+    assert answered(fast) == before + 1
+
+
+async def test_pipelined_requests_are_answered_in_order(pair: tuple[Client, Client], tmp_path: Path) -> None:
+    """Hot hits, a body-carrying POST, a miss, a 404 and a HEAD in one packet: the fast path
+    answers until the first request it leaves to aiohttp, which then answers the rest in order."""
+    fast, slow = pair
+    hot, hot_digest = await warm(pair, tmp_path, 3000)
+    cold, cold_digest = make_blob(70_000)
+    (tmp_path / "blobs" / cold_digest).write_bytes(cold)
+    missing = '{"hashes": ["' + make_blob(10)[1] + '"]}'
+    raw = (
+        get(f"/sha1/{hot_digest}")
+        + get(f"/sha1/{hot_digest}", "Range: bytes=1-2")
+        + get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(missing)}", method="POST")
+        + missing.encode()
+        + get(f"/sha1/{hot_digest}")
+        + get(f"/sha1/{cold_digest}")
+        + get(f"/sha1/{make_blob(11)[1]}")
+        + get(f"/sha1/{hot_digest}", method="HEAD")
+    )
+    methods = ["GET", "GET", "POST", "GET", "GET", "GET", "HEAD"]
+    before = answered(fast)
+    for client in (fast, slow):
+        responses, _ = await exchange(client, raw, methods)
+        assert [r[0] for r in responses] == [200, 206, 200, 200, 200, 404, 200]
+        assert responses[0][2] == hot and responses[1][2] == hot[1:3] and responses[3][2] == hot
+        assert b"missing" in responses[2][2] and responses[4][2] == cold
+        assert responses[6][1]["content-length"] == "3000"
+    assert answered(fast) == before + 2  # the two before the POST
+
+
+async def test_split_head_and_keep_alive(pair: tuple[Client, Client], tmp_path: Path) -> None:
+    """A head that arrives a few bytes at a time, then more requests on the same connection."""
+    fast, _ = pair
+    data, digest = await warm(pair, tmp_path, 1000)
+    request = get(f"/sha1/{digest}")
+    before = answered(fast)
+    reader, writer = await asyncio.open_connection("127.0.0.1", fast.port)
+    try:
+        for _ in range(3):
+            for i in range(0, len(request), 7):
+                writer.write(request[i : i + 7])
+                await writer.drain()
+            status, _, body = await asyncio.wait_for(read_response(reader), 10)
+            assert (status, body) == (200, data)
+    finally:
+        writer.close()
+    assert answered(fast) == before + 3
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # HTTP/1.0: aiohttp's answer, then the connection closes
+        "GET /sha1/{d} HTTP/1.0\r\n\r\n",
+        # bare LF line ends
+        "GET /sha1/{d} HTTP/1.1\nHost: x\n\n",
+        # a query (tickets live there)
+        "GET /sha1/{d}?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        # a repeated header read here
+        "GET /sha1/{d} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\nRange: bytes=2-3\r\nConnection: close\r\n\r\n",
+        # an Expect on a GET
+        "GET /sha1/{d} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+    ],
+)
+async def test_requests_it_is_unsure_of_get_aiohttps_answer(
+    pair: tuple[Client, Client], tmp_path: Path, raw: str
+) -> None:
+    fast = pair[0]
+    _, digest = await warm(pair, tmp_path, 500)
+    before = answered(fast)
+    answers = [await raw_answer(client, raw.format(d=digest).encode()) for client in pair]
+    assert answers[0] == answers[1]
+    assert answered(fast) == before
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # CL+TE: a smuggling attempt is aiohttp's to refuse, whole
+        "GET /sha1/{d} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        "GET /sha1/{d} HTTP/1.1\r\nHost: x\r\n\r\n",
+        # a chunked body on a GET (aiohttp reads and ignores it)
+        "GET /sha1/{d} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        # a head far over aiohttp's limits
+        "GET /sha1/{d} HTTP/1.1\r\nHost: x\r\nX-Big: " + "a" * 20000 + "\r\n\r\n",
+        # a request line far over them
+        "GET /sha1/{d}" + "a" * 20000 + " HTTP/1.1\r\nHost: x\r\n\r\n",
+        # garbage
+        "GET /sha1/{d} HTTP/1.1\r\nHo st: x\r\n\r\n",
+        "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    ],
+)
+async def test_malformed_and_smuggling_requests(pair: tuple[Client, Client], tmp_path: Path, raw: str) -> None:
+    fast = pair[0]
+    _, digest = await warm(pair, tmp_path, 500)
+    before = answered(fast)
+    answers = [await raw_answer(client, raw.format(d=digest).encode()) for client in pair]
+    assert answers[0] == answers[1]
+    assert answers[0].startswith(b"HTTP/1.")
+    if "Content-Length: 4" in raw:  # RFC 9112 6.1: a request with both is refused, not guessed at
+        assert answers[0][9:13] == b"400 "
+    assert answered(fast) == before
+
+
+async def raw_answer(client: Client, raw: bytes) -> bytes:
+    """Everything the server sends until it closes (or 2 s of silence), Date lines removed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(raw)
+    received = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 2):
+            received += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        writer.close()
+    return b"\r\n".join(line for line in received.split(b"\r\n") if not line.startswith(b"Date: "))
+
+
+async def test_hits_are_counted_and_logged(
+    pair: tuple[Client, Client], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fast, _ = pair
+    _, digest = await warm(pair, tmp_path, 2000)
+
+    def count() -> float:
+        labels = {"route": "/sha1/{hash}", "method": "GET", "status": "206"}
+        return REGISTRY.get_sample_value("casproxy_http_requests_total", labels) or 0.0
+
+    def timed() -> float:
+        labels = {"route": "/sha1/{hash}", "method": "GET"}
+        return REGISTRY.get_sample_value("casproxy_http_request_duration_seconds_count", labels) or 0.0
+
+    requests, observations, before = count(), timed(), answered(fast)
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        await exchange(fast, get(f"/sha1/{digest}", "Range: bytes=0-99"), ["GET"])
+    assert answered(fast) == before + 1
+    assert count() == requests + 1 and timed() == observations + 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert any(f"GET /sha1/{digest} 206 100 " in line and line.endswith("HIT disk") for line in lines), lines
