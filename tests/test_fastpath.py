@@ -8,6 +8,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -15,7 +16,8 @@ from prometheus_client import REGISTRY
 
 from proxy.server.fastpath import FastPathRunner
 from proxy.server.keys import STORE
-from tests.conftest import ProxyFactory, make_blob
+from tests.conftest import ProxyFactory, free_port, make_blob, write_config
+from tests.processes import ProxyProcess
 
 Client = TestClient[web.Request, web.Application]
 Response = tuple[int, dict[str, str], bytes]
@@ -288,3 +290,43 @@ async def test_hits_are_counted_and_logged(
     assert count() == requests + 1 and timed() == observations + 1
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     assert any(f"GET /sha1/{digest} 206 100 " in line and line.endswith("HIT disk") for line in lines), lines
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_casproxy_serve_answers_pipelined_hits_and_misses(tmp_path: Path, event_loop: str) -> None:
+    """The real start-up path (`casproxy serve`), on both event loops: uvloop's transports are
+    not asyncio's classes, and set_protocol must hand the connection over on both."""
+    (tmp_path / "blobs").mkdir()
+    hot, hot_digest = make_blob(2000)
+    cold, cold_digest = make_blob(3000)
+    for data, digest in ((hot, hot_digest), (cold, cold_digest)):
+        (tmp_path / "blobs" / digest).write_bytes(data)
+    port = free_port()
+    tiers = [
+        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
+        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+    ]
+    config = write_config(
+        tmp_path / "config.toml",
+        tiers,
+        server={"host": "127.0.0.1", "port": port, "event_loop": event_loop},
+        uploads={"targets": ["local"]},
+    )
+    proxy = ProxyProcess(config, port, tmp_path / "proxy.log")
+    proxy.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await proxy.wait_healthy(session, 30)
+            async with session.get(f"{proxy.url}/sha1/{hot_digest}") as response:
+                assert await response.read() == hot
+        for _ in range(2):  # the second time both are hits
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(get(f"/sha1/{hot_digest}") + get(f"/sha1/{cold_digest}") + get(f"/sha1/{hot_digest}"))
+                bodies = [(await asyncio.wait_for(read_response(reader), 10))[2] for _ in range(3)]
+            finally:
+                writer.close()
+            assert bodies == [hot, cold, hot]
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log.read_text()

@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from aiohttp import web
@@ -167,8 +167,7 @@ class FastPath(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass asyncio's
         peer = transport.get_extra_info("peername")
         if isinstance(peer, (list, tuple)) and peer:
             self.remote = str(peer[0])
