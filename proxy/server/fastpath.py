@@ -28,15 +28,14 @@ import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_protocol import RequestHandler
-from prometheus_client import Counter, Histogram
 
-from proxy import metrics
 from proxy.composite import Composite
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import RangeNotSatisfiable
 from proxy.server.blobs import CACHE_CONTROL
 from proxy.server.keys import STORE
+from proxy.server.metrics import count_request
 from proxy.server.responses import etag_matches, parse_range
 
 MAX_HEAD = 8190  # aiohttp's own limit for a request line and each header: longer heads are its to refuse
@@ -63,16 +62,14 @@ _HEAD_CACHE_ENTRIES = 4096
 
 
 class HotHits:
-    """What every connection of one server shares: the store, prebuilt header bytes, the
-    metrics children and the access logger, each resolved once."""
+    """What every connection of one server shares: the store, prebuilt header bytes and the
+    access logger."""
 
     def __init__(self, store: Composite, access_log: logging.Logger | None, json_log: bool) -> None:
         self.store = store
         self.access_log = access_log
         self.json_log = json_log
         self._heads: dict[tuple[str, str, bool, int], bytes] = {}
-        self._counters: dict[tuple[str, str, int], Counter] = {}
-        self._timers: dict[tuple[str, str], Histogram] = {}
         self._second = 0
         self._tail = b""
         self.answered = 0  # requests answered here, not by aiohttp (for tests and /stats readers)
@@ -99,17 +96,6 @@ class HotHits:
             date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
             self._tail = f"Date: {date}\r\nServer: {SERVER_SOFTWARE}\r\n".encode("latin-1")
         return self._tail
-
-    def count(self, route: str, method: str, status: int, seconds: float) -> None:
-        """The same series metrics_middleware writes, children resolved once per label set."""
-        counter = self._counters.get((route, method, status))
-        if counter is None:
-            counter = self._counters[route, method, status] = metrics.REQUESTS.labels(route, method, str(status))
-        counter.inc()
-        timer = self._timers.get((route, method))
-        if timer is None:
-            timer = self._timers[route, method] = metrics.REQUEST_SECONDS.labels(route, method)
-        timer.observe(seconds)
 
     def log(self, fields: dict[str, Any]) -> None:
         """The access line of proxy.server.accesslog, in the same one logging call."""
@@ -304,7 +290,7 @@ class FastPath(asyncio.Protocol):
             self.transport.close()  # after the buffered response is sent
         seconds = time.perf_counter() - started
         self.hot.answered += 1
-        self.hot.count(f"/{algorithm}/{{hash}}", method, status, seconds)
+        count_request(f"/{algorithm}/{{hash}}", method, status, seconds)  # as metrics_middleware does
         if self.hot.access_log is not None and self.hot.access_log.isEnabledFor(logging.INFO):  # cached by logging
             self.hot.log(
                 {
@@ -312,7 +298,7 @@ class FastPath(asyncio.Protocol):
                     "method": method,
                     "path": self.url.decode("ascii"),
                     "status": status,
-                    "bytes": len(body),
+                    "bytes": len(response) + len(body),  # as aiohttp counts: head and body
                     "ms": round(seconds * 1000, 2),
                     "cache": "HIT" if hit else "MISS",
                     "tier": tier.name,

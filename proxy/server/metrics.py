@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -43,8 +43,24 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        metrics.REQUESTS.labels(route, request.method, str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(route, request.method).observe(time.perf_counter() - started)
+        count_request(route, request.method, status, time.perf_counter() - started)
+
+
+# labels() hashes and locks on every call: resolve each child once (routes and methods are few).
+_COUNTERS: dict[tuple[str, str, int], Counter] = {}
+_TIMERS: dict[tuple[str, str], Histogram] = {}
+
+
+def count_request(route: str, method: str, status: int, seconds: float) -> None:
+    """One answered request in casproxy_http_requests and its duration histogram."""
+    counter = _COUNTERS.get((route, method, status))
+    if counter is None:
+        counter = _COUNTERS[route, method, status] = metrics.REQUESTS.labels(route, method, str(status))
+    counter.inc()
+    timer = _TIMERS.get((route, method))
+    if timer is None:
+        timer = _TIMERS[route, method] = metrics.REQUEST_SECONDS.labels(route, method)
+    timer.observe(seconds)
 
 
 class _SharedState(Collector):
