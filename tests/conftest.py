@@ -133,11 +133,14 @@ def bucket(s3_endpoint: str) -> Bucket:
 class ProxyServer(TestServer):
     """A TestServer started as `casproxy serve` starts: with the fast path unless config says not."""
 
-    def __init__(self, config: Config, **kwargs: Any) -> None:
+    def __init__(self, config: Config, keepalive_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__(create_app(config), **kwargs)
         self.config = config
+        self.keepalive_timeout = keepalive_timeout
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        if self.keepalive_timeout is not None:
+            kwargs["keepalive_timeout"] = self.keepalive_timeout
         return make_runner(self.app, self.config, **kwargs)
 
 

@@ -14,9 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
+from proxy.config import load_config
 from proxy.server.fastpath import FastPathRunner
 from proxy.server.keys import STORE
-from tests.conftest import ProxyFactory, free_port, make_blob, write_config
+from tests.conftest import ProxyFactory, ProxyServer, free_port, make_blob, write_config
 from tests.processes import ProxyProcess
 
 Client = TestClient[web.Request, web.Application]
@@ -254,6 +255,15 @@ async def test_malformed_and_smuggling_requests(pair: tuple[Client, Client], tmp
     assert answered(fast) == before
 
 
+async def raw_answer_until_closed(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
 async def raw_answer(client: Client, raw: bytes) -> bytes:
     """Everything the server sends until it closes (or 2 s of silence), Date lines removed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
@@ -330,3 +340,33 @@ async def test_casproxy_serve_answers_pipelined_hits_and_misses(tmp_path: Path, 
     finally:
         proxy.stop()
     assert "Traceback" not in proxy.log.read_text()
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_idle_keep_alive_connections_are_closed(tmp_path: Path, fast_path: bool) -> None:
+    """After keepalive_timeout without a request the server closes, on both paths; a client
+    that keeps asking is not cut off."""
+    (tmp_path / "blobs").mkdir()
+    data, digest = make_blob(100)
+    (tmp_path / "blobs" / digest).write_bytes(data)
+    tiers = [
+        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
+        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+    ]
+    path = write_config(tmp_path / "c.toml", tiers, server={"fast_path": fast_path}, uploads={"targets": ["local"]})
+    server = ProxyServer(load_config(str(path), environ={}), keepalive_timeout=1.0, host="127.0.0.1")
+    await server.start_server()
+    try:
+        await raw_answer_until_closed(server.port, get(f"/sha1/{digest}", "Connection: close"))  # the miss
+        await server.app[STORE].wait_idle()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for _ in range(4):  # a request every 0.4 s keeps the connection for longer than the timeout
+            writer.write(get(f"/sha1/{digest}"))
+            assert (await asyncio.wait_for(read_response(reader), 10))[2] == data
+            await asyncio.sleep(0.4)
+        assert await asyncio.wait_for(reader.read(1), 10) == b""  # then closed, well within 10 s
+        writer.close()
+        runner = server.runner
+        assert not fast_path or (isinstance(runner, FastPathRunner) and runner.hot.answered == 4)
+    finally:
+        await server.close()

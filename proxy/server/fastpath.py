@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -73,6 +74,7 @@ class HotHits:
         self._second = 0
         self._tail = b""
         self.answered = 0  # requests answered here, not by aiohttp (for tests and /stats readers)
+        self.connections: set[FastPath] = set()  # not yet handed to aiohttp: closed here at shutdown
 
     def head(self, digest: str, tier: str, hit: bool, length: int) -> bytes:
         """Every 200 header a blob carries (as blobs.py sends them) but the per-second Date."""
@@ -121,6 +123,8 @@ class FastPath(asyncio.Protocol):
         self.writing_paused = False
         self.closing = False
         self.parser = httptools.HttpRequestParser(self)
+        self.last_request = 0.0  # loop time of the last bytes received
+        self.idle_timer: asyncio.TimerHandle | None = None
         # per request, filled by the parser's callbacks
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
@@ -157,32 +161,65 @@ class FastPath(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, (list, tuple)) and peer:
             self.remote = str(peer[0])
-        # aiohttp owns the connection's lifetime from the start (keep-alive, shutdown on exit).
-        self.handler.connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as aiohttp does: no Nagle delay
+        # aiohttp's handler meets the connection only at hand-off: its keep-alive timer counts
+        # from connection_made and knows nothing of the requests answered here.
+        self.hot.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self.last_request = loop.time()
+        # One timer per keep-alive period, not one per request: it rechecks the last request's time.
+        self.idle_timer = loop.call_later(self.handler.keepalive_timeout, self._close_if_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Only until hand-off: after it the transport reports to aiohttp's handler.
         self.closing = True
-        self.handler.connection_lost(exc)
+        self._stop_idle_timer()
+        self.hot.connections.discard(self)
+
+    def close(self) -> None:
+        """Close at shutdown (what is written is sent first)."""
+        if self.transport is not None and not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def _close_if_idle(self) -> None:
+        """Close a keep-alive connection idle for aiohttp's keepalive_timeout, as aiohttp would."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self.last_request
+        timeout = self.handler.keepalive_timeout
+        if idle >= timeout and not self.buffer and not self.transport.get_write_buffer_size():
+            self.closing = True
+            self.transport.close()
+        else:
+            self.idle_timer = loop.call_later(max(timeout - idle, 0.05), self._close_if_idle)
+
+    def _stop_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
     def eof_received(self) -> None:
-        self.handler.eof_received()  # None: the transport closes once what was written is sent
+        return None  # the transport closes once what was written is sent
 
     def pause_writing(self) -> None:
         # The client reads slower than hits are answered: read no more requests until it catches up.
         self.writing_paused = True
-        self.handler.pause_writing()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.handler.resume_writing()
         if self.transport is not None and not self.closing:
             self.transport.resume_reading()
             if self.buffer:
                 self.data_received(b"")
 
     def data_received(self, data: bytes) -> None:
+        if data:
+            self.last_request = asyncio.get_running_loop().time()
         if self.buffer:
             data = self.buffer + data
             self.buffer = b""
@@ -213,6 +250,9 @@ class FastPath(asyncio.Protocol):
         """From here on aiohttp answers on this connection, starting with ``data``."""
         assert self.transport is not None
         self.closing = True  # this protocol sees no more bytes
+        self._stop_idle_timer()  # aiohttp's own keep-alive timer takes over
+        self.hot.connections.discard(self)
+        self.handler.connection_made(self.transport)
         self.transport.set_protocol(self.handler)
         if data:
             self.handler.data_received(data)
@@ -344,6 +384,11 @@ class FastPathRunner(web.AppRunner):
         super().__init__(app, **kwargs)
         access_log = kwargs.get("access_log", logging.getLogger("aiohttp.access"))
         self.hot = HotHits(store, access_log, json_log)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        for connection in list(self.hot.connections):  # aiohttp's server closes only its own
+            connection.close()
 
     @property
     def server(self) -> Any:  # a protocol factory in the place of web.Server: all sites use it so
