@@ -11,8 +11,12 @@ HTTP/1.0, Expect, tickets, CORS, If-Match, errors, smuggling attempts) keeps aio
 A request is answered here only if all of these hold: its head ends in CRLF CRLF within
 MAX_HEAD bytes; httptools parses it as one complete HTTP/1.1 message without a body; it is GET
 or HEAD of exactly ``/sha1/<40 hex>`` or ``/sha256/<64 hex>`` (no query: tickets live there);
-no header in UNSURE is present and none of the headers read here is repeated; no Range on
-HEAD; a Range is one satisfiable ``bytes=`` range or absent; and the blob is in memory.
+no header in UNSURE is present and none is repeated (two Ranges, two Hosts: ambiguous); no
+Range on HEAD; a Range is one satisfiable ``bytes=`` range or absent; the blob is in memory.
+
+Once a connection is aiohttp's it stays aiohttp's: a client that had one miss on a keep-alive
+connection is served by aiohttp on it from then on (taking it back would need to know that
+aiohttp's parser holds no partial request; see the report of issue 12).
 """
 
 from __future__ import annotations
@@ -58,7 +62,6 @@ UNSURE = frozenset(
         b"if-unmodified-since",
     }
 )
-_READ = (b"if-none-match", b"range", b"connection", b"host")  # read here: a repeat is ambiguous
 _HEAD_CACHE_ENTRIES = 4096
 
 
@@ -73,7 +76,7 @@ class HotHits:
         self._heads: dict[tuple[str, str, bool, int], bytes] = {}
         self._second = 0
         self._tail = b""
-        self.answered = 0  # requests answered here, not by aiohttp (for tests and /stats readers)
+        self.answered = 0  # requests answered here, not by aiohttp (tests read it)
         self.connections: set[FastPath] = set()  # not yet handed to aiohttp: closed here at shutdown
 
     def head(self, digest: str, tier: str, hit: bool, length: int) -> bytes:
