@@ -15,8 +15,8 @@ no header in UNSURE is present and none is repeated (two Ranges, two Hosts: ambi
 Range on HEAD; a Range is one satisfiable ``bytes=`` range or absent; the blob is in memory.
 
 Once a connection is aiohttp's it stays aiohttp's: a client that had one miss on a keep-alive
-connection is served by aiohttp on it from then on (taking it back would need to know that
-aiohttp's parser holds no partial request; see the report of issue 12).
+connection is served by aiohttp on it from then on: taking it back would need to know that
+aiohttp's parser holds no partial request, which aiohttp does not expose.
 """
 
 from __future__ import annotations
