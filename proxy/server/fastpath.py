@@ -354,7 +354,9 @@ class FastPath(asyncio.Protocol):
         if len(body) <= _SMALL_BODY:
             self.transport.write(head + body if body else head)
         else:
-            self.transport.writelines((head, body))
+            # Two writes, not writelines: asyncio's writelines joins them, a copy of the whole body.
+            self.transport.write(head)
+            self.transport.write(body)
 
 
 def _may_be_fast(start: bytes) -> bool:
