@@ -34,7 +34,6 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.composite import Composite
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import RangeNotSatisfiable
@@ -42,6 +41,7 @@ from proxy.server.blobs import CACHE_CONTROL
 from proxy.server.keys import STORE
 from proxy.server.metrics import count_request
 from proxy.server.responses import etag_matches, parse_range
+from proxy.store.composite import Composite
 
 MAX_HEAD = 8190  # aiohttp's own limit for a request line and each header: longer heads are its to refuse
 _SMALL_BODY = 64 << 10  # below this, head and body go out as one buffer (one send, one small copy)
