@@ -370,3 +370,53 @@ async def test_idle_keep_alive_connections_are_closed(tmp_path: Path, fast_path:
         assert not fast_path or (isinstance(runner, FastPathRunner) and runner.hot.answered == 4)
     finally:
         await server.close()
+
+
+async def test_pipelined_large_hits_to_a_slow_reader(make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """Many pipelined 1 MiB hits, read slowly: the fast path stops reading requests while the
+    client is behind (pause_writing) and answers the rest, in order, when it catches up; a miss
+    at the end is still aiohttp's."""
+    (tmp_path / "blobs").mkdir()
+    tiers = [
+        {
+            "name": "disk",
+            "kind": "disk",
+            "role": "cache",
+            "path": str(tmp_path / "cache"),
+            "memory_item_limit": "2 MiB",
+        },
+        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+    ]
+    fast = await make_proxy(tiers, uploads={"targets": ["local"]})
+    blobs = [await warm((fast,), tmp_path, 1 << 20) for _ in range(2)]
+    cold, cold_digest = make_blob(5000)
+    (tmp_path / "blobs" / cold_digest).write_bytes(cold)
+    order = [blobs[i % 2] for i in range(12)]
+    before = answered(fast)
+    reader, writer = await asyncio.open_connection("127.0.0.1", fast.port, limit=1 << 16)
+    try:
+        writer.write(b"".join(get(f"/sha1/{digest}") for _, digest in order) + get(f"/sha1/{cold_digest}"))
+        for data, _ in order:
+            await asyncio.sleep(0.02)  # let the server's buffer fill past its high-water mark
+            assert (await asyncio.wait_for(read_response(reader), 10))[2] == data
+        assert (await asyncio.wait_for(read_response(reader), 10))[2] == cold
+    finally:
+        writer.close()
+    assert answered(fast) == before + 12
+
+
+async def test_json_access_line(make_proxy: ProxyFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "blobs").mkdir()
+    tiers = [
+        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
+        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+    ]
+    client = await make_proxy(tiers, uploads={"targets": ["local"]}, server={"log_format": "json"})
+    _, digest = await warm((client,), tmp_path, 300)
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        await exchange(client, get(f"/sha1/{digest}", method="HEAD"), ["HEAD"])
+    fields = [getattr(r, "request", None) for r in caplog.records if r.name == "aiohttp.access"]
+    assert answered(client) == 1
+    assert {"method": "HEAD", "path": f"/sha1/{digest}", "status": 200, "cache": "HIT", "tier": "disk"}.items() <= (
+        fields[-1] or {}
+    ).items()
