@@ -4,14 +4,20 @@ Jobs live in SQLite next to the disk cache, so they survive restarts and every w
 A request only records what it wants (run, pause, cancel); one process at a time — whichever
 holds ``runner.lock`` — runs the jobs, reconciles what is wanted with what runs, and writes each
 job's progress back every second. If that process dies, another worker takes the lock over and
-resumes the jobs from their checkpoints. A paused job keeps its checkpoint; resuming runs the
-same spec again, which does only what is left.
+resumes the jobs from their checkpoints. A paused job keeps its checkpoints; resuming runs the
+same spec again, which does only what is left at each target; resuming with a list of targets
+retries only those (a target that failed, while the others are done).
+
+A job is confined (SPEC 7): it reads and writes only under ``jobs.allow``, its hashes come in
+the request, a bucket is reached with the endpoint and credentials of the configured s3 tier on
+it, and the server chooses where checkpoints go. A job that cannot even start fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -19,13 +25,17 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from proxy.blocking import run
 from proxy.database import Database
-from proxy.errors import BadRequest, Conflict, NotFound
+from proxy.errors import BadRequest, Conflict, Forbidden, NotFound
 from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferError, TransferSpec, UsageError
+from proxy.transfer.bucket import tier_for
+from proxy.transfer.engine import checkpoint_path
+from proxy.transfer.locations import Location, parse_location
 
 log = logging.getLogger(__name__)
 State = Literal["queued", "running", "paused", "done", "failed", "cancelled"]
@@ -34,6 +44,13 @@ FINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 MAX_RUNNING = 2  # jobs moving bytes at once in this server; the rest wait their turn, queued
 TICK = 0.5  # seconds between the runner's looks at the table (also how soon a pause is seen)
 SAVE_EVERY = 1.0  # seconds between progress writes of a running job
+# What a request may not choose: the server reads no files for it, and talks only to the
+# endpoints of its own tiers.
+REFUSED = {
+    "hashes_file": "give the hashes in the request (hashes: [...]); a job reads no file of the server's",
+    "endpoint_url": "a job reaches a bucket through the configured s3 tier on it, never an endpoint of its own",
+    "checkpoint": "the server chooses where a job keeps its checkpoints",
+}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -44,21 +61,26 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
     updated REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS retries (id TEXT PRIMARY KEY, targets TEXT NOT NULL);
 """
 
 
 class Jobs:
-    def __init__(self, store: Composite, directory: str, default_into: str | None = None) -> None:
+    def __init__(
+        self, store: Composite, directory: str, default_into: str | None = None, allow: Sequence[str] = ()
+    ) -> None:
         self.store = store
         self.directory = os.path.abspath(directory)
         self.default_into = default_into
+        self.allow = [parse_location(place) for place in allow]
         self.database = Database(os.path.join(self.directory, "jobs.sqlite3"), _SCHEMA, "jobs")
         self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._lock_fd: int | None = None
         self._running: dict[str, tuple[Transfer, asyncio.Task[Snapshot]]] = {}
         self._saved: dict[str, float] = {}
+        self._earlier: dict[str, list[dict[str, Any]]] = {}  # targets a retry leaves alone: their progress
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -77,7 +99,7 @@ class Jobs:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-            await self.database.run(self._save, job_id, transfer.snapshot(), None, None)
+            await self.database.run(self._save, job_id, self._progress(job_id, transfer), None, None)
         self._running.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -86,23 +108,63 @@ class Jobs:
 
     # -- what the API asks ---------------------------------------------------------------
 
-    async def create(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Record a new job (it starts as soon as the runner sees it); its JSON."""
+    async def create(self, request: Any) -> dict[str, Any]:
+        """Record a new job (it starts as soon as the runner sees it); its JSON. BadRequest for
+        a spec that cannot run, Forbidden for a location outside ``jobs.allow``."""
         if not isinstance(request, Mapping):
-            raise BadRequest('want a JSON object such as {"kind": "export", "target": ..., "hashes": [...]}')
+            raise BadRequest('want a JSON object such as {"kind": "export", "targets": [...], "hashes": [...]}')
+        for key, why in REFUSED.items():
+            if key in request:
+                raise BadRequest(f"{key}: not accepted in a job; {why}")
         job_id = uuid.uuid4().hex[:16]
-        fields = dict(request)
-        fields.setdefault("checkpoint", os.path.join(self.directory, f"{job_id}.checkpoint"))
         try:
-            spec = TransferSpec.from_json(fields)
+            spec = TransferSpec.from_json(
+                {**request, "checkpoint": os.path.join(self.directory, f"{job_id}.checkpoint")}
+            )
+            if spec.kind == "export" and not spec.hashes:
+                raise UsageError("hashes: a job's hashes come in the request (hashes: [...])")
+            locations = [parse_location(text) for text in spec.locations]
+            if spec.kind == "import":
+                self._check_into(spec.into or self.default_into)
         except UsageError as error:
             raise BadRequest(str(error)) from None
-        if spec.location == "-":
-            raise BadRequest("a job cannot use - (standard input or output): give a bucket, folder or .tar file")
+        for location in locations:
+            await self._check_place(location)
         now = time.time()
         await self.database.run(self._insert, job_id, spec, now)
         self._wake.set()
         return await self.get(job_id)
+
+    async def _check_place(self, location: Location) -> None:
+        if location.kind == "stream":
+            raise BadRequest("a job cannot use - (standard input or output): give a bucket, folder or .tar file")
+        if not await run(self._allowed, location):
+            allowed = ", ".join(place.text for place in self.allow) or "nothing (jobs.allow is empty)"
+            raise Forbidden(f"{location.text}: outside jobs.allow; a job may use {allowed}")
+        if location.kind == "s3" and tier_for(location, self.store.tiers) is None:
+            raise BadRequest(f"{location.text}: no configured s3 tier on bucket {location.bucket} to reach it with")
+
+    def _allowed(self, location: Location) -> bool:
+        """Under a place of ``jobs.allow`` (folders compared after symlinks are resolved)."""
+        for place in self.allow:
+            if location.kind == "s3" and place.kind == "s3":
+                if location.bucket == place.bucket and location.prefix.startswith(place.prefix):
+                    return True
+            elif location.kind != "s3" and place.kind != "s3":
+                path, root = os.path.realpath(location.path), os.path.realpath(place.path)
+                if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                    return True
+        return False
+
+    def _check_into(self, name: str | None) -> None:
+        if not name:
+            raise UsageError("into: no tier to import into (no uploads.targets, no writable source)")
+        try:
+            tier = self.store.tier(name)
+        except KeyError:
+            raise UsageError(f"into: no tier named {name!r}") from None
+        if not tier.can_store:
+            raise UsageError(f"into: tier {name!r} cannot store blobs")
 
     def _insert(self, job_id: str, spec: TransferSpec, now: float) -> None:
         with self.database.transaction() as db:
@@ -127,21 +189,28 @@ class Jobs:
             rows = self.database.connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchall()
         return rows
 
-    async def want(self, job_id: str, wanted: Wanted) -> dict[str, Any]:
-        """pause, resume (run) or cancel a job; Conflict if it has finished already."""
-        await self.database.run(self._set_wanted, job_id, wanted)
+    async def want(self, job_id: str, wanted: Wanted, targets: Sequence[str] | None = None) -> dict[str, Any]:
+        """pause, resume (run) or cancel a job; Conflict if it has finished already. Resuming
+        with ``targets`` runs only those of an export's targets (retrying one that failed)."""
+        await self.database.run(self._set_wanted, job_id, wanted, targets)
         self._wake.set()
         return await self.get(job_id)
 
-    def _set_wanted(self, job_id: str, wanted: Wanted) -> None:
+    def _set_wanted(self, job_id: str, wanted: Wanted, targets: Sequence[str] | None) -> None:
         with self.database.transaction() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT state, spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {job_id!r}")
             state = row[0]
-            retry = state == "failed" and wanted == "run"  # run it again: its checkpoint skips what is done
+            retry = state == "failed" and wanted == "run"  # run it again: its checkpoints skip what is done
             if state in FINAL and not retry:
                 raise Conflict(f"job {job_id} is {state}; only a failed job can be resumed")
+            if targets is not None:
+                known = TransferSpec.from_json(json.loads(row[1])).locations
+                unknown = [target for target in targets if target not in known]
+                if wanted != "run" or not targets or unknown:
+                    raise BadRequest(f"targets: want some of this job's targets ({', '.join(known)}) to resume")
+                db.execute("INSERT OR REPLACE INTO retries VALUES (?, ?)", (job_id, json.dumps(list(targets))))
             db.execute(
                 "UPDATE jobs SET wanted = ?, state = ?, updated = ? WHERE id = ?",
                 (wanted, "queued" if retry else state, time.time(), job_id),
@@ -152,7 +221,7 @@ class Jobs:
     async def _reconcile_forever(self) -> None:
         while True:
             try:
-                if self._lock_fd is not None or self._take_runner_lock():
+                if self._lock_fd is not None or await run(self._take_runner_lock):
                     await self._reconcile()
             except Exception as error:  # keep the runner alive, and say what went wrong
                 log.exception("jobs: %r", error)
@@ -182,8 +251,7 @@ class Jobs:
             if state in FINAL:
                 continue
             if wanted == "run" and running is None and len(self._running) < MAX_RUNNING:
-                self._launch(job_id, TransferSpec.from_json(json.loads(row["spec"])))
-                await self.database.run(self._save, job_id, None, "running", "")
+                await self._launch(row)
             elif wanted in ("pause", "cancel"):
                 if running is not None:
                     await self._stop(job_id, *running)
@@ -191,44 +259,87 @@ class Jobs:
                 if state != new_state:
                     await self.database.run(self._save, job_id, None, new_state, None)
                     if new_state == "cancelled":
-                        await self.database.run(_discard_checkpoint, json.loads(row["spec"]).get("checkpoint"))
+                        await run(self._discard_checkpoints, json.loads(row["spec"]))
             elif running is not None and time.monotonic() - self._saved.get(job_id, 0) >= SAVE_EVERY:
-                await self.database.run(self._save, job_id, running[0].snapshot(), None, None)
+                await self.database.run(self._save, job_id, self._progress(job_id, running[0]), None, None)
                 self._saved[job_id] = time.monotonic()
 
-    def _launch(self, job_id: str, spec: TransferSpec) -> None:
-        transfer = Transfer(spec, self.store, state_dir=self.directory, default_into=self.default_into)
+    async def _launch(self, row: sqlite3.Row) -> None:
+        """Start a job; one that cannot even start fails alone (the others go on)."""
+        job_id = row["id"]
+        try:
+            spec = TransferSpec.from_json(json.loads(row["spec"]))
+            only = await self.database.run(self._take_retry, job_id)
+            if only:
+                earlier = json.loads(row["progress"]).get("targets", [])
+                self._earlier[job_id] = [part for part in earlier if part.get("location") not in only]
+                spec = dataclasses.replace(spec, target="", targets=tuple(only))
+            transfer = Transfer(spec, self.store, state_dir=self.directory, default_into=self.default_into)
+        except (TransferError, ValueError, KeyError, TypeError) as error:
+            log.warning("job %s cannot start: %s", job_id, error)
+            await self.database.run(self._save, job_id, None, "failed", f"cannot start: {error}")
+            return
         task = asyncio.get_running_loop().create_task(transfer.run(), name=f"job-{job_id}")
         task.add_done_callback(lambda _: self._wake.set())
         self._running[job_id] = (transfer, task)
-        log.info("job %s: %s %s started", job_id, spec.kind, spec.location)
+        log.info("job %s: %s %s started", job_id, spec.kind, ", ".join(spec.locations))
+        await self.database.run(self._save, job_id, None, "running", "")
+
+    def _take_retry(self, job_id: str) -> list[str] | None:
+        with self.database.transaction() as db:
+            row = db.execute("SELECT targets FROM retries WHERE id = ?", (job_id,)).fetchone()
+            db.execute("DELETE FROM retries WHERE id = ?", (job_id,))
+        return None if row is None else list(json.loads(row[0]))
 
     async def _stop(self, job_id: str, transfer: Transfer, task: asyncio.Task[Snapshot]) -> None:
         task.cancel()
         with contextlib.suppress(BaseException):
-            await task  # the transfer saves its checkpoint as it is cancelled
+            await task  # the transfer saves its checkpoints as it is cancelled
         del self._running[job_id]
-        await self.database.run(self._save, job_id, transfer.snapshot(), None, None)
+        await self.database.run(self._save, job_id, self._progress(job_id, transfer), None, None)
+        self._earlier.pop(job_id, None)
 
     async def _finished(self, job_id: str, transfer: Transfer, task: asyncio.Task[Snapshot]) -> None:
         del self._running[job_id]
         error = ""
         try:
-            snapshot = task.result()
-            state: State = "done" if snapshot.ok else "failed"
+            ok = task.result().ok
         except (TransferError, OSError) as failure:
-            snapshot, state, error = transfer.snapshot(), "failed", str(failure)
+            ok, error = False, str(failure)
         except Exception as failure:  # a bug in one job must not stop the others
             log.exception("job %s crashed", job_id)
-            snapshot, state, error = transfer.snapshot(), "failed", f"internal error: {failure!r}"
+            ok, error = False, f"internal error: {failure!r}"
+        progress = self._progress(job_id, transfer)
+        ok = ok and all(part.get("state") == "done" for part in progress.get("targets", []))
+        state: State = "done" if ok else "failed"
         log.info("job %s: %s", job_id, state)
-        await self.database.run(self._save, job_id, snapshot, state, error)
-        # A job that finished needs nothing resumed; one that failed keeps its checkpoint.
+        await self.database.run(self._save, job_id, progress, state, error)
+        self._earlier.pop(job_id, None)
+        # A job that finished needs nothing resumed; one that failed keeps its checkpoints.
 
-    def _save(self, job_id: str, snapshot: Snapshot | None, state: str | None, error: str | None) -> None:
+    def _progress(self, job_id: str, transfer: Transfer) -> dict[str, Any]:
+        """A job's progress: this run's, with the targets a retry left alone as they were."""
+        progress = {k: v for k, v in transfer.snapshot().as_json().items() if k not in ("kind", "state")}
+        earlier = self._earlier.get(job_id)
+        if earlier:
+            progress["targets"] = earlier + progress["targets"]
+            for key in ("done", "skipped", "failed", "corrupt", "resumed", "bytes", "earlier_bytes"):
+                progress[key] += sum(part.get(key, 0) for part in earlier)
+            progress["error_count"] += sum(part.get("error_count", 0) for part in earlier)
+        return progress
+
+    def _discard_checkpoints(self, spec_json: Mapping[str, Any]) -> None:
+        spec = TransferSpec.from_json(spec_json)
+        for text in spec.locations:
+            path = checkpoint_path(spec, parse_location(text), self.directory, spec.into or self.default_into)
+            for suffix in ("", "-wal", "-shm"):
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path + suffix)
+
+    def _save(self, job_id: str, progress: Mapping[str, Any] | None, state: str | None, error: str | None) -> None:
         with self.database.transaction() as db:
-            if snapshot is not None:
-                progress = {k: v for k, v in snapshot.as_json().items() if k not in ("kind", "state")}
+            if progress is not None:
                 db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
             if state is not None:
                 db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state, job_id))
@@ -241,7 +352,8 @@ _NO_PROGRESS = {"total": None, "done": 0, "skipped": 0, "failed": 0, "corrupt": 
 
 
 def _as_json(row: sqlite3.Row) -> dict[str, Any]:
-    """A job as the API shows it: its state, the progress of its last save, and its spec."""
+    """A job as the API shows it: its state, the progress of its last save (per target in
+    ``targets``), and its spec."""
     spec = json.loads(row["spec"])
     return {
         "id": row["id"],
@@ -254,13 +366,7 @@ def _as_json(row: sqlite3.Row) -> dict[str, Any]:
         **_NO_PROGRESS,
         "eta_s": None,
         "errors": [],
+        "targets": [],
         **json.loads(row["progress"]),
         "spec": spec,
     }
-
-
-def _discard_checkpoint(path: str | None) -> None:
-    if path:
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path + suffix)

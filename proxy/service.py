@@ -78,5 +78,5 @@ def build_service(config: Config, store: Composite | None = None) -> Service:
     from proxy.jobs import Jobs  # here: it imports the transfer engine and boto3
     from proxy.transfer import default_into
 
-    jobs = Jobs(store, os.path.join(state, "jobs"), default_into(config, store))
+    jobs = Jobs(store, os.path.join(state, "jobs"), default_into(config, store), config.jobs.allow)
     return Service(config, store, uploader, queue, signer, Access(config, signer), bulk, jobs)

@@ -19,15 +19,26 @@ UpstreamFactory = Callable[..., Awaitable[Upstream]]
 ADMIN = {"Authorization": "Bearer admin-token"}
 
 
-def tiers(tmp_path: Path, up: Upstream) -> list[dict[str, Any]]:
-    return [
+def tiers(tmp_path: Path, up: Upstream, bucket: Bucket | None) -> list[dict[str, Any]]:
+    found = [
         {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
         {"name": "origin", "kind": "http", "url": up.url},
     ]
+    if bucket is not None:  # the tier a job borrows the bucket's endpoint and credentials from
+        found.append(bucket.tier("bucket", "tier/"))
+    return found
 
 
-async def start_proxy(make_proxy: ProxyFactory, tmp_path: Path, up: Upstream) -> Client:
-    return await make_proxy(tiers(tmp_path, up), auth={"admin_tokens": ["admin-token"]}, uploads={"targets": ["disk"]})
+async def start_proxy(
+    make_proxy: ProxyFactory, tmp_path: Path, up: Upstream, bucket: Bucket | None = None, *allow: str
+) -> Client:
+    places = list(allow) or ([bucket.url()] if bucket is not None else [])
+    return await make_proxy(
+        tiers(tmp_path, up, bucket),
+        auth={"admin_tokens": ["admin-token"]},
+        uploads={"targets": ["disk"]},
+        jobs={"allow": places},
+    )
 
 
 async def slow_origin(request: web.Request, up: Upstream) -> web.StreamResponse:
@@ -62,13 +73,7 @@ async def wait_for(client: Client, job_id: str, check: Callable[[dict[str, Any]]
 
 
 def export_request(bucket: Bucket, hashes: list[str], **extra: Any) -> dict[str, Any]:
-    return {
-        "kind": "export",
-        "target": bucket.url("exported/"),
-        "endpoint_url": bucket.endpoint,
-        "hashes": hashes,
-        **extra,
-    }
+    return {"kind": "export", "target": bucket.url("exported/"), "hashes": hashes, **extra}
 
 
 async def test_export_job_runs_to_the_end_with_progress(
@@ -76,7 +81,7 @@ async def test_export_job_runs_to_the_end_with_progress(
 ) -> None:
     up = await upstream()
     blobs = seed(up, 20)
-    client = await start_proxy(make_proxy, tmp_path, up)
+    client = await start_proxy(make_proxy, tmp_path, up, bucket)
 
     response = await client.post("/jobs", json=export_request(bucket, list(blobs)), headers=ADMIN)
     assert response.status == 202
@@ -99,13 +104,13 @@ async def test_import_job_verifies_and_stores(
     make_proxy: ProxyFactory, upstream: UpstreamFactory, bucket: Bucket, tmp_path: Path
 ) -> None:
     up = await upstream()
-    client = await start_proxy(make_proxy, tmp_path, up)
+    client = await start_proxy(make_proxy, tmp_path, up, bucket)
     good, digest = make_blob(3000)
     bucket.put(f"in/{digest}", good)
     bad, bad_digest = make_blob(3000)
     bucket.put(f"in/{bad_digest}", bad[:-1] + b"!")
     bucket.put("in/README.txt", b"not a blob")
-    request = {"kind": "import", "source": bucket.url("in/"), "endpoint_url": bucket.endpoint, "into": "disk"}
+    request = {"kind": "import", "source": bucket.url("in/"), "into": "disk"}
     created = await (await client.post("/jobs", json=request, headers=ADMIN)).json()
 
     finished = await wait_for(client, created["id"], lambda j: j["state"] in ("done", "failed"))
@@ -120,7 +125,7 @@ async def test_import_job_verifies_and_stores(
 async def test_jobs_need_the_admin_token_and_a_good_request(
     make_proxy: ProxyFactory, upstream: UpstreamFactory, bucket: Bucket, tmp_path: Path
 ) -> None:
-    client = await start_proxy(make_proxy, tmp_path, await upstream())
+    client = await start_proxy(make_proxy, tmp_path, await upstream(), bucket)
     body = export_request(bucket, [make_blob(10)[1]])
     assert (await client.post("/jobs", json=body)).status == 401
     assert (await client.post("/jobs", json=body, headers={"Authorization": "Bearer nope"})).status == 403
@@ -146,7 +151,7 @@ async def test_pause_resume_and_cancel(
 ) -> None:
     up = await upstream(slow_origin)
     blobs = seed(up, 60)
-    client = await start_proxy(make_proxy, tmp_path, up)
+    client = await start_proxy(make_proxy, tmp_path, up, bucket)
     created = await (await client.post("/jobs", json=export_request(bucket, list(blobs), jobs=1), headers=ADMIN)).json()
     job_id = created["id"]
 
@@ -183,7 +188,7 @@ async def test_a_job_survives_a_server_restart(
 ) -> None:
     up = await upstream(slow_origin)
     blobs = seed(up, 60)
-    first = await start_proxy(make_proxy, tmp_path, up)
+    first = await start_proxy(make_proxy, tmp_path, up, bucket)
     running = await (await first.post("/jobs", json=export_request(bucket, list(blobs), jobs=1), headers=ADMIN)).json()
     others = seed(up, 60)
     paused = await (await first.post("/jobs", json=export_request(bucket, list(others), jobs=1), headers=ADMIN)).json()
@@ -193,7 +198,7 @@ async def test_a_job_survives_a_server_restart(
     before = await wait_for(first, running["id"], lambda j: j["done"] >= 5)
     await first.close()  # the server stops in the middle of the job
 
-    second = await start_proxy(make_proxy, tmp_path, up)
+    second = await start_proxy(make_proxy, tmp_path, up, bucket)
     done = await wait_for(second, running["id"], lambda j: j["state"] in ("done", "failed"))
     assert (done["state"], done["done"] + done["skipped"], done["failed"]) == ("done", 60, 0), done
     assert done["resumed"] >= before["done"]

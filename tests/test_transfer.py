@@ -24,6 +24,7 @@ from proxy.config import load_config
 from proxy.service import build_store
 from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferSpec, UsageError, default_into
+from proxy.transfer.engine import checkpoint_path, state_dir
 from proxy.transfer.locations import ByteBudget, parse_location
 from proxy.transfer.progress import ProgressView, status_line, summary_line
 from proxy.transfer.tally import Tally
@@ -458,9 +459,9 @@ def test_progress_line_summary_and_bar() -> None:
     assert (snap.processed, snap.bytes, snap.error_count) == (5, 3000, 1)
     assert snap.eta_s is not None and snap.eta_s > 0, "5 left at the rate so far"
     assert snap.as_json()["errors"] == ["abc: found in no tier"]
-    assert status_line(snap).startswith("export: 5/10 blobs, 2.9 KiB, ")
+    assert status_line(snap).startswith("export: 5/10 blobs, 2.9 KiB of ~7.8 KiB, "), "5 left at 1000 bytes each"
     assert "(skipped 1, failed 1)" in status_line(snap)
-    assert summary_line(snap).startswith("export: done 3, skipped 1, failed 1, corrupt 0; 2.9 KiB in ")
+    assert summary_line(snap).startswith("export: done 3, skipped 1, failed 1, corrupt 0; 2.9 KiB this run in ")
 
     lines = io.StringIO()
     view = ProgressView(lines, interval=0, tty=False)
@@ -478,7 +479,36 @@ def test_progress_line_summary_and_bar() -> None:
     assert "casproxy: export: abc: found in no tier\n" in terminal.getvalue()
     unknown = io.StringIO()
     ProgressView(unknown, tty=True).update(Tally("import").snapshot("running"))  # no total yet
-    assert "import: 0 blobs" in unknown.getvalue()
+    assert "import: 0/? blobs" in unknown.getvalue()
+
+
+def test_progress_is_weighted_by_bytes_and_the_bar_is_gone_before_the_summary() -> None:
+    tally = Tally("import")
+    tally.total, tally.total_bytes = 2001, 2000 * 1024 + 300 * MiB  # as an import's listing says
+    for _ in range(2000):
+        tally.finished("done", 1024)
+    big = tally.meter(300 * MiB)
+    big.moved(150 * MiB)
+    snap = tally.snapshot("running")
+    assert snap.fraction is not None and 0.49 < snap.fraction < 0.51, "half the bytes, not 2000 of 2001 items"
+
+    estimated = Tally("export")  # sizes unknown up front: the items not started weigh the average
+    estimated.total = 4
+    estimated.finished("done", 10, resumed=True)
+    meter = estimated.meter(30)
+    meter.moved(30)
+    estimated.release(meter)
+    estimated.finished("done", 30)
+    assert estimated.snapshot("running").total_bytes == 80
+
+    terminal = io.StringIO()
+    view = ProgressView(terminal, tty=True)
+    view.update(snap)
+    assert " 50%|" in terminal.getvalue()
+    view.close(tally.snapshot("done"))
+    last = terminal.getvalue().rsplit("\r", 1)[-1]
+    assert last.startswith("import: done 2000, "), "the summary starts on a line the bar has left"
+    assert "of ~" not in last and last.endswith("\n")
 
 
 async def test_byte_budget_is_first_come_first_served() -> None:
@@ -500,14 +530,21 @@ async def test_byte_budget_is_first_come_first_served() -> None:
 def test_checkpoint_default_is_per_location(world: World) -> None:
     config = load_config(str(world.config), environ={})
     store = build_store(config)
+    state = str(world.root / "state")
     paths = set()
     for target in ["s3://b/p/", "s3://b/p", "./out", "out/", "x.tar"]:
-        transfer = Transfer(export(target, ["a" * 40]), store, state_dir=str(world.root / "state"))
-        paths.add(transfer._checkpoint().path)
+        spec = export(target, ["a" * 40])
+        paths.add(checkpoint_path(spec, parse_location(target), state))
     assert len(paths) == 3, paths
     assert all(str(path).startswith(str(world.root / "state" / "transfers")) for path in paths)
-    stream = Transfer(export("-", ["a" * 40]), store)
-    assert stream._checkpoint().path is None, "a stream cannot be resumed"
+    assert checkpoint_path(export("-", ["a" * 40]), parse_location("-"), state) is None, "a stream cannot be resumed"
+    # A target keeps its checkpoint whichever other targets a run names: each resumes on its own.
+    both = TransferSpec("export", targets=("s3://b/p/", "x.tar"), hashes=("a" * 40,))
+    assert checkpoint_path(both, parse_location("s3://b/p"), state) in paths
+    assert state_dir(store) == str(world.root / "cache"), "the disk cache's folder"
+    named = TransferSpec("export", targets=("s3://b/p/", "x.tar"), hashes=("a" * 40,), checkpoint="/c/run.sqlite")
+    apart = {checkpoint_path(named, parse_location(t), state) for t in named.targets}
+    assert len(apart) == 2 and all(str(p).startswith("/c/run-") and str(p).endswith(".sqlite") for p in apart)
 
 
 def test_hashes_file_takes_sha1sum_output(world: World, tmp_path: Path) -> None:

@@ -234,7 +234,9 @@ async def test_ctrl_c_pauses_cleanly_and_the_rerun_finishes(
     _, err = await output()
     text = err.decode()
     assert process.returncode == 130, text
-    assert re.search(r"^export: \d+/80 blobs, [\d.]+ KiB, ", text, re.M), "status lines on a non-terminal"
+    assert re.search(r"^export: \d+/80 blobs, [\d.]+ KiB of ~[\d.]+ KiB, ", text, re.M), (
+        "status lines on a non-terminal"
+    )
     assert re.search(r"^export: done \d+, skipped 0, failed 0, corrupt 0; ", text, re.M), text
     assert "interrupted; run the same command again to resume" in text
     assert "Traceback" not in text

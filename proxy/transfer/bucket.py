@@ -44,12 +44,19 @@ def make_client(location: Location, endpoint_url: str | None, tiers: Iterable[Ti
     s3 tier on the same bucket lends its endpoint and credentials, else boto3's own defaults
     (AWS_ENDPOINT_URL, AWS_PROFILE, the credential chain)."""
     path_style = bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-    if not endpoint_url:
-        for tier in tiers:
-            if isinstance(tier, S3Tier) and tier.bucket == location.bucket:
-                return tier.make_client(_botocore_config(connections, bool(tier.endpoint_url) or path_style))
+    tier = None if endpoint_url else tier_for(location, tiers)
+    if tier is not None:
+        return tier.make_client(_botocore_config(connections, bool(tier.endpoint_url) or path_style))
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint_url or None, config=_botocore_config(connections, path_style))
+
+
+def tier_for(location: Location, tiers: Iterable[Tier]) -> S3Tier | None:
+    """The configured s3 tier on the location's bucket, whose endpoint and credentials it uses."""
+    for tier in tiers:
+        if isinstance(tier, S3Tier) and tier.bucket == location.bucket:
+            return tier
+    return None
 
 
 def _botocore_config(connections: int, path_style: bool) -> botocore.config.Config:

@@ -27,12 +27,14 @@ if TYPE_CHECKING:  # imported when a transfer runs: casproxy --help need not loa
     from proxy.transfer.progress import ProgressView
 
 EXPORT_HELP = """\
-Read each blob through the configured tiers (verified, as the proxy would serve it) and write it
-to TARGET: s3://bucket/prefix/ (key = prefix + hash; multipart above --multipart-threshold), a
-folder (FOLDER/hash), a .tar file, or - for a tar stream on stdout (member name = hash). Blobs the
-target has already are skipped. An interrupted run (Ctrl-C, kill, crash) started again with the
-same arguments does only what is left, and continues a large upload from its last finished part;
-a tar stream (-) cannot be resumed."""
+Read each blob through the configured tiers once (verified, as the proxy would serve it, without
+filling the caches) and write it to every TARGET: s3://bucket/prefix/ (key = prefix + hash;
+multipart above --multipart-threshold), a folder (FOLDER/hash), a .tar file, or - for a tar stream
+on stdout (member name = hash). Give --to several times to write to several targets in one pass:
+each keeps its own progress and checkpoint, and one that fails or is slow does not stop the
+others. Blobs a target has already are skipped. An interrupted run (Ctrl-C, kill, crash) started
+again with the same arguments does only what is left at each target, and continues a large upload
+from its last finished part; a tar stream (-) cannot be resumed."""
 
 IMPORT_HELP = """\
 Read every object of SOURCE (s3://bucket/prefix/, a folder, a .tar file, or - for a tar stream on
@@ -48,7 +50,12 @@ def add_commands(commands: Any) -> None:
     )
     export.add_argument("--hashes", required=True, metavar="FILE|-", help="digests, one a line (- : stdin)")
     export.add_argument(
-        "--to", required=True, dest="target", metavar="TARGET", help="s3://bucket/prefix/, FOLDER, FILE.tar or -"
+        "--to",
+        required=True,
+        action="append",
+        dest="targets",
+        metavar="TARGET",
+        help="s3://bucket/prefix/, FOLDER, FILE.tar or -; again for more targets",
     )
     export.add_argument(
         "--part-size", type=_size, default="16 MiB", help="multipart part size, at least 5 MiB (default: 16 MiB)"
@@ -75,7 +82,10 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="config file (default: $CASPROXY_CONFIG or ./config.toml)")
     parser.add_argument("-j", "--jobs", type=_positive, default=8, help="transfers at once (default: 8)")
     parser.add_argument(
-        "--checkpoint", metavar="PATH", help="where to record progress (default: in the cache folder, per location)"
+        "--checkpoint",
+        metavar="PATH",
+        help="where to record progress (default: in the cache folder, per location; "
+        "with several targets, one file per target beside PATH)",
     )
     parser.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: $AWS_ENDPOINT_URL or AWS)")
     parser.add_argument(
@@ -113,16 +123,15 @@ def _seconds(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     """Run ``casproxy export`` or ``casproxy import``; the exit status."""
     from proxy.config import load_config
-    from proxy.policy import state_dir
-    from proxy.service import build_store
-    from proxy.transfer.engine import default_into
+    from proxy.service import build_store  # the one place tiers are built from config
+    from proxy.transfer.engine import default_into, state_dir
     from proxy.transfer.progress import ProgressView
 
     kind = args.command
     try:
         spec = TransferSpec(
             kind=kind,
-            target=getattr(args, "target", ""),
+            targets=tuple(getattr(args, "targets", None) or ()),
             source=getattr(args, "source", ""),
             hashes_file=getattr(args, "hashes", None),
             into=getattr(args, "into", None),
@@ -134,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             memory=args.memory,
         )
         spec.check()
-        if spec.target == "-" and sys.stdout.isatty():
+        if "-" in spec.targets and sys.stdout.isatty():
             raise UsageError("refusing to write a tar stream to a terminal: redirect stdout, or --to FILE.tar")
         if spec.source == "-" and sys.stdin.isatty():
             raise UsageError("--from -: expecting a tar stream on stdin, which is a terminal")
@@ -142,14 +151,14 @@ def run(args: argparse.Namespace) -> int:
         store = build_store(config)
         view = ProgressView(interval=args.progress_interval)
         with _logging_through(view):
-            status = asyncio.run(_main(spec, store, view, state_dir(store.tiers), default_into(config, store)))
+            status = asyncio.run(_main(spec, store, view, state_dir(store), default_into(config, store)))
         if status > 128:
             _exit_now(status)
         return status
     except TransferError as error:
         return exits.report(error, f"casproxy: {kind}")
     finally:
-        if getattr(args, "target", "") == "-":
+        if "-" in (getattr(args, "targets", None) or ()):
             _quiet_stdout()
 
 
@@ -196,7 +205,8 @@ async def _main(spec: TransferSpec, store: Composite, view: ProgressView, state:
         await store.close()
     snap = transfer.snapshot()
     view.close(snap)
-    where = f" (checkpoint: {transfer.checkpoint_path})" if transfer.checkpoint_path else ""
+    paths = ", ".join(transfer.checkpoint_paths)
+    where = f" (checkpoint{'s' if len(transfer.checkpoint_paths) > 1 else ''}: {paths})" if paths else ""
     if stopped_by:
         if transfer.location.resumable:
             view.message(f"casproxy: {spec.kind}: interrupted; run the same command again to resume{where}")
@@ -206,7 +216,6 @@ async def _main(spec: TransferSpec, store: Composite, view: ProgressView, state:
     if snap.failed:
         view.message(f"casproxy: {spec.kind}: {snap.failed} failed; run the same command again to retry them{where}")
     return 0 if snap.ok else 1
-    return 0
 
 
 @contextlib.contextmanager

@@ -1,16 +1,19 @@
 """Running an export or an import against a Composite.
 
-    transfer = Transfer(TransferSpec("export", target="s3://bucket/blobs/", hashes=(...)), store)
+    transfer = Transfer(TransferSpec("export", targets=("s3://a/p/", "b.tar"), hashes=(...)), store)
     task = asyncio.create_task(transfer.run())
-    transfer.snapshot()          # progress, at any time
-    task.cancel()                # pause: the checkpoint keeps what is done
-    await Transfer(same_spec, store).run()   # resume: does only what is left
+    transfer.snapshot()          # progress, at any time (per target in .targets)
+    task.cancel()                # pause: the checkpoints keep what is done
+    await Transfer(same_spec, store).run()   # resume: does only what is left, target by target
 
-Export reads every blob through the store (so every byte is verified, and a blob found in a
-source also lands in the caches before it) and writes it to the target; import verifies each
-object of the source against the digest in its name and stores the good ones in one tier. Up to
-``jobs`` items are in flight at once, blob bytes in memory are bounded by ``memory``; a failing
-item is reported and the run goes on; only a broken target (TransferError) stops it.
+Export reads every blob through the store once (so every byte is verified) and writes it to
+every target that lacks it. Each target is a Destination with its own checkpoint, progress and
+writers, fed by a queue: a blob wanted by several targets waits for the slower ones in a spool
+(in memory while the ``memory`` budget lasts, on disk beyond), so a slow or broken target never
+holds up the others. Import verifies each object of the source against the digest in its name
+and stores the good ones in one tier. Up to ``jobs`` items are in flight at once (per target,
+for an export); a failing item is reported and the run goes on; a broken target
+(TransferError) stops only itself.
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 import botocore.exceptions
 
+from proxy.blocking import run_on
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import BadDigest, CorruptBlob, NotFound, ProxyError, TierError, UpstreamFailed
-from proxy.policy import default_targets, state_dir
+from proxy.policy import default_targets
+from proxy.policy import state_dir as policy_state_dir
 from proxy.store.composite import Composite
 from proxy.store.opened import Opened
 from proxy.store.spool import MemoryBudget, Spool
-from proxy.tier import CHUNK_SIZE, Blob, Tier
+from proxy.tier import CHUNK_SIZE, Blob, FileBlob, Tier
 from proxy.transfer.bucket import BucketSource, BucketTarget, error_code, make_client
 from proxy.transfer.checkpoint import Checkpoint
 from proxy.transfer.locations import (
@@ -49,20 +55,107 @@ from proxy.transfer.locations import (
     parse_location,
 )
 from proxy.transfer.spec import TransferError, TransferSpec, UsageError
-from proxy.transfer.tally import ItemMeter, Snapshot, Tally
+from proxy.transfer.tally import ItemMeter, Snapshot, Tally, combine
 from proxy.transfer.tarball import TarSource, TarTarget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PREFETCH = 100_000  # source entries listed ahead, so the total is known early for most sources
+BACKLOG = 1000  # blobs read ahead of the slowest target (waiting in spools, not in RAM beyond --memory)
+
+
+def state_dir(store: Composite) -> str:
+    """Where a transfer keeps its checkpoints by default: the folder a tier owns (the disk
+    cache's), else ./data."""
+    return policy_state_dir(store.tiers)
 
 
 def default_into(config: Config, store: Composite) -> str | None:
-    """The tier an import writes to by default: the first upload target."""
+    """The tier an import writes to by default: the first upload target, else the first source
+    that can store blobs."""
     if config.uploads.targets:
         return config.uploads.targets[0]
     targets = default_targets(store.tiers)
     return targets[0].name if targets else None
+
+
+def checkpoint_path(spec: TransferSpec, location: Location, folder: str, into: str | None = None) -> str | None:
+    """Where the record of ``spec``'s work at ``location`` lives: ``spec.checkpoint`` for one
+    location (one file per target beside it for several), else a file in ``folder`` named by
+    the work, so the same location resumes whatever other targets a run names."""
+    identity = _identity(spec, location, into)
+    name = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    if spec.checkpoint is not None:
+        if len(spec.locations) == 1:
+            return spec.checkpoint
+        root, ext = os.path.splitext(spec.checkpoint)
+        return f"{root}-{name}{ext}"
+    if not location.resumable:
+        return None
+    return os.path.join(folder, "transfers", f"{spec.kind}-{name}.sqlite")
+
+
+def _identity(spec: TransferSpec, location: Location, into: str | None) -> dict[str, Any]:
+    return {"kind": spec.kind, "location": location.identity, "into": into}
+
+
+class Shared:
+    """A verified blob several targets read, each from the start (a file read with pread, or
+    bytes in memory counted against the transfer's memory budget); closed when the last target
+    lets go."""
+
+    def __init__(self, blob: Blob, size: int, budget: MemoryBudget | None = None) -> None:
+        self.blob = blob
+        self.size = size
+        self._budget = budget  # holds ``size`` of it, for bytes in memory
+        self._refs = 1
+
+    def acquire(self) -> Shared:
+        self._refs += 1
+        return self
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.blob.chunks()
+
+    async def release(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            if self._budget is not None:
+                self._budget.give(self.size)
+            await self.blob.close()
+
+
+@dataclass
+class _Work:
+    """A blob for one target: ``held`` is a verified copy shared with other targets (the
+    writer releases its reference), None when this target is the only one that wants it and
+    reads it from the store itself."""
+
+    digest: Digest
+    held: Shared | None
+
+
+class Destination:
+    """One export target: its writer tasks, checkpoint, progress, and whether it broke."""
+
+    def __init__(self, location: Location, target: Target, checkpoint: Checkpoint) -> None:
+        self.location = location
+        self.target = target
+        self.checkpoint = checkpoint
+        self.tally = Tally("export", location.text)
+        self.queue: asyncio.Queue[_Work | None] = asyncio.Queue(BACKLOG)
+        self.broken: TransferError | None = None
+        self.started = False
+
+    def wants(self, digest: Digest) -> bool:
+        """False if it broke, or an earlier run finished the blob here (counted as resumed)."""
+        if self.broken is not None:
+            return False
+        recorded = self.checkpoint.finished.get(digest)
+        if recorded is None:
+            return True
+        self.tally.finished(recorded[1], recorded[0], resumed=True)
+        return False
 
 
 class Transfer:
@@ -82,25 +175,38 @@ class Transfer:
         spec.check()
         self.spec = spec
         self.store = store
-        self.location = parse_location(spec.location)
+        self.locations = [parse_location(text) for text in spec.locations]
+        self.location = self.locations[0]
         self.into = spec.into or default_into
         self.state = "pending"
-        self.tally = Tally(spec.kind)
-        self.checkpoint_path: str | None = None
+        self.tally = Tally(spec.kind, self.location.text)  # an import's
+        self.destinations: list[Destination] = []  # an export's, once it has started
+        self.checkpoint_paths: list[str] = []
         self._state_dir = state_dir
         self._stdin = stdin
         self._stdout = stdout
         self._report = report
         self._fatal: TransferError | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._held_budget = MemoryBudget(spec.memory)  # blobs waiting for several targets
+        self._part_budget = ByteBudget(spec.memory)  # multipart parts, all bucket targets together
 
     def snapshot(self) -> Snapshot:
-        return self.tally.snapshot(self.state)
+        if self.spec.kind == "import" or not self.destinations:
+            return self.tally.snapshot(self.state)
+        return combine(self.spec.kind, self.state, [d.tally.snapshot(self._state_of(d)) for d in self.destinations])
+
+    def _state_of(self, destination: Destination) -> str:
+        if destination.broken is not None:
+            return "failed"
+        if self.state in ("done", "failed"):
+            return "failed" if destination.tally.problems else "done"
+        return self.state
 
     async def run(self) -> Snapshot:
         """Run to the end; the final snapshot. Raises UsageError/TransferError if the transfer
-        cannot start or its target breaks, and CancelledError (after saving the checkpoint)
-        when cancelled."""
+        cannot start or a target breaks (the other targets are done first), and CancelledError
+        (after saving the checkpoints) when cancelled."""
         if self.state != "pending":
             raise RuntimeError("a Transfer runs once; make a new one to resume")
         self.state = "running"
@@ -119,31 +225,43 @@ class Transfer:
             raise
         finally:
             self.tally.stop()
+            for destination in self.destinations:
+                destination.tally.stop()
             self._executor.shutdown(wait=False)
-        snapshot = self.tally.snapshot("done")
+        self.state = "done"
+        snapshot = self.snapshot()
         self.state = "done" if snapshot.ok else "failed"
         return self.snapshot()
 
     # -- shared --------------------------------------------------------------------------
 
-    def _checkpoint(self, into: str | None = None) -> Checkpoint:
-        identity = {"kind": self.spec.kind, "location": self.location.identity, "into": into}
-        path = self.spec.checkpoint
-        if path is None and self.location.resumable:
-            name = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-            folder = self._state_dir or state_dir(self.store.tiers)
-            path = os.path.join(folder, "transfers", f"{self.spec.kind}-{name}.sqlite")
-        self.checkpoint_path = path
-        return Checkpoint(path, identity)
+    def _checkpoint(self, location: Location, into: str | None = None) -> Checkpoint:
+        path = checkpoint_path(self.spec, location, self._state_dir or state_dir(self.store), into)
+        if path is not None:
+            self.checkpoint_paths.append(path)
+        return Checkpoint(path, _identity(self.spec, location, into))
 
-    def _fail(self, kind: str, name: str, message: str) -> None:
+    def _fail(self, tally: Tally, kind: str, name: str, message: str) -> None:
         line = f"{name}: {message}"
-        self.tally.error(kind, line)
+        tally.error(kind, line)
         if self._report is not None:
-            self._report(line)
+            prefix = f"{tally.location}: " if len(self.locations) > 1 else ""
+            self._report(prefix + line)
 
-    async def _finish(self, checkpoint: Checkpoint, complete: bool) -> None:
-        if complete and self.tally.failed == 0 and self.tally.corrupt == 0:
+    def _resuming(self, tally: Tally, checkpoint: Checkpoint) -> None:
+        """Say at the start of a resumed run how much an earlier run did."""
+        if self._report is None or not checkpoint.finished:
+            return
+        from proxy.transfer.progress import human_size  # progress draws; the engine only counts
+
+        done = len(checkpoint.finished)
+        size = sum(size for size, _ in checkpoint.finished.values())
+        total = "?" if tally.total is None else str(tally.total)
+        where = f" {tally.location}" if len(self.locations) > 1 else ""
+        self._report(f"resuming{where}: {done} of {total} done ({human_size(size)} by earlier runs)")
+
+    async def _finish(self, tally: Tally, checkpoint: Checkpoint, complete: bool) -> None:
+        if complete and not tally.problems:
             await checkpoint.discard()  # nothing left to resume
         else:
             await checkpoint.close()
@@ -162,8 +280,8 @@ class Transfer:
 
     # -- export --------------------------------------------------------------------------
 
-    def _make_target(self) -> Target:
-        location, spec = self.location, self.spec
+    def _make_target(self, location: Location) -> Target:
+        spec = self.spec
         assert self._executor is not None
         if location.kind == "s3":
             client = make_client(location, spec.endpoint_url, self.store.tiers, spec.jobs * 2 + 4)
@@ -174,57 +292,181 @@ class Transfer:
                 requests=spec.jobs,
                 part_size=spec.part_size,
                 threshold=spec.multipart_threshold,
-                budget=ByteBudget(spec.memory),
+                budget=self._part_budget,
             )
         if location.kind == "folder":
             return FolderTarget(location, self._executor)
         return TarTarget(location, self._stdout or sys.stdout.buffer)
 
     async def _export(self) -> None:
-        target = self._make_target()
-        checkpoint = self._checkpoint()
-        await checkpoint.open()
+        expected = await self._count_hashes()
+        for location in self.locations:
+            checkpoint = self._checkpoint(location)
+            destination = Destination(location, self._make_target(location), checkpoint)
+            destination.tally.total = expected
+            self.destinations.append(destination)
+        writers: list[asyncio.Task[None]] = []
         pool = _Pool(self.spec.jobs)
         complete = False
         try:
-            await target.start(await self._count_hashes())
-            seen: set[Digest] = set()
-            async for word in self._hashes():
-                if self._fatal is not None:
-                    break
-                try:
-                    digest = Digest.parse(word)
-                except BadDigest:
-                    self._fail("failed", word[:80], "not a digest")
-                    continue
-                if digest in seen:
-                    self.tally.finished("skipped")  # listed twice
-                    continue
-                seen.add(digest)
-                recorded = checkpoint.finished.get(digest)
-                if recorded is not None:
-                    self.tally.finished(recorded[1], recorded[0], resumed=True)
-                    continue
-                await pool.submit(self._guarded, self._export_one, digest, target, checkpoint)
-            await pool.drain()
-            self._check_fatal()
+            await asyncio.gather(*(self._start(destination, expected) for destination in self.destinations))
+            if all(destination.broken is not None for destination in self.destinations):
+                raise self.destinations[0].broken or AssertionError("unreachable")
+            for destination in self.destinations:
+                writers += [asyncio.create_task(self._writer(destination)) for _ in range(self.spec.jobs)]
+            await self._route_all(pool)
+            for destination in self.destinations:
+                for _ in range(self.spec.jobs):
+                    await destination.queue.put(None)
+            await asyncio.gather(*writers)
             complete = True
         finally:
             await pool.cancel()
+            for task in writers:
+                task.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
+            for destination in self.destinations:
+                await _drop_queued(destination.queue)
+            await asyncio.gather(*(self._close(destination, complete) for destination in self.destinations))
+        broken = [d for d in self.destinations if d.broken is not None]
+        if broken:
+            raise TransferError("; ".join(f"{d.location.text}: {d.broken}" for d in broken))
+
+    async def _start(self, destination: Destination, expected: int | None) -> None:
+        """Open a target's checkpoint and the target; a target that cannot start is broken."""
+        try:
+            await destination.checkpoint.open()
+            destination.started = True
+            self._resuming(destination.tally, destination.checkpoint)
+            await destination.target.start(expected)
+        except TransferError as error:
+            self._break(destination, error)
+        except (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+            self._break(destination, TransferError(describe(error)))
+
+    def _break(self, destination: Destination, error: TransferError) -> None:
+        if destination.broken is None:
+            destination.broken = error
+            destination.tally.errors.append(f"{destination.location.text}: {error}")
+            destination.tally.error_count += 1
+            if self._report is not None and len(self.locations) > 1:
+                self._report(f"{destination.location.text}: {error}; the other targets go on")
+
+    async def _close(self, destination: Destination, complete: bool) -> None:
+        complete = complete and destination.broken is None
+        try:
+            await destination.target.close(complete)
+        except Exception as error:  # noqa: BLE001 - one target's failure must not stop the others
+            self._break(destination, TransferError(describe(error)))
+            complete = False
+        finally:
+            if destination.started:
+                await self._finish(destination.tally, destination.checkpoint, complete)
+
+    async def _route_all(self, pool: _Pool) -> None:
+        seen: set[Digest] = set()
+        destinations = self.destinations
+        async for word in self._hashes():
+            if all(destination.broken is not None for destination in destinations):
+                break
             try:
-                await target.close(complete)
+                digest = Digest.parse(word)
+            except BadDigest:
+                for destination in destinations:
+                    self._fail(destination.tally, "failed", word[:80], "not a digest")
+                continue
+            if digest in seen:
+                for destination in destinations:
+                    destination.tally.finished("skipped")  # listed twice
+                continue
+            seen.add(digest)
+            wanting = [destination for destination in destinations if destination.wants(digest)]
+            if wanting:
+                await pool.submit(self._route, digest, wanting)
+        await pool.drain()
+
+    async def _route(self, digest: Digest, wanting: list[Destination]) -> None:
+        """Ask each target whether it has the blob; read it once for those that lack it."""
+        needed = [d for d in await asyncio.gather(*(self._lacks(d, digest) for d in wanting)) if d is not None]
+        if len(needed) == 1:
+            await needed[0].queue.put(_Work(digest, None))  # its writer reads it, as it arrives
+            return
+        if not needed:
+            return
+        try:
+            held = await self._hold(digest)
+        except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
+            kind, message = _item_failure(error)
+            for destination in needed:
+                self._fail(destination.tally, kind, digest, message)
+            return
+        try:
+            for destination in needed:
+                await destination.queue.put(_Work(digest, held.acquire()))
+        finally:
+            await held.release()
+
+    async def _lacks(self, destination: Destination, digest: Digest) -> Destination | None:
+        try:
+            if not await destination.target.has(digest):
+                return destination
+        except TransferError as error:
+            self._break(destination, error)
+            return None
+        except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
+            self._fail(destination.tally, "failed", digest, describe(error))
+            return None
+        destination.checkpoint.finish(digest, 0, "skipped")
+        destination.tally.finished("skipped")
+        return None
+
+    async def _hold(self, digest: Digest) -> Shared:
+        """The blob read once through the store and verified whole, for several targets. Bytes
+        in memory beyond the memory budget go to a file, to wait there for a slow target."""
+        opened = await self.store.open(digest, cache=False)
+        try:
+            blob = await opened.verified()
+        finally:
+            await opened.close()
+        size = blob.size
+        if size is None:  # not a verified Bytes/FileBlob: never the case, but never guessed at
+            await blob.close()
+            raise UpstreamFailed(f"{opened.tier} does not know the size of {digest}")
+        if isinstance(blob, FileBlob):
+            return Shared(blob, size)
+        if self._held_budget.take(size):
+            return Shared(blob, size, self._held_budget)
+        spool = Spool(digest, self.store.spool_dir, memory_limit=0)
+        try:
+            async for chunk in blob.chunks():
+                await spool.write(chunk)
+            await spool.finish()
+            return Shared(spool.blob(), size)
+        finally:
+            spool.release()  # the blob's own handle keeps the file readable
+            await blob.close()
+
+    async def _writer(self, destination: Destination) -> None:
+        """Write what the queue brings until told to stop; a broken target only drains it."""
+        while (work := await destination.queue.get()) is not None:
+            try:
+                if destination.broken is None:
+                    await self._write_one(destination, work)
+            except TransferError as error:
+                self._break(destination, error)
             finally:
-                await self._finish(checkpoint, complete)
+                if work.held is not None:
+                    await work.held.release()
 
     async def _count_hashes(self) -> int | None:
         """The number of hashes, when it can be known before reading them (not from stdin)."""
         spec = self.spec
         if spec.hashes:
-            self.tally.total = len(spec.hashes)
-        elif spec.hashes_file not in (None, "-"):
+            return len(spec.hashes)
+        if spec.hashes_file not in (None, "-"):
             assert spec.hashes_file is not None
-            self.tally.total = await self._run(_count_lines, spec.hashes_file)
-        return self.tally.total
+            return await self._run(_count_lines, spec.hashes_file)
+        return None
 
     async def _hashes(self) -> AsyncIterator[str]:
         spec = self.spec
@@ -246,44 +488,43 @@ class Transfer:
         finally:
             if not stdin:
                 file.close()
-        self.tally.total = count
+        for destination in self.destinations:
+            destination.tally.total = count
 
-    async def _export_one(self, digest: Digest, target: Target, checkpoint: Checkpoint) -> None:
+    async def _write_one(self, destination: Destination, work: _Work) -> None:
+        digest, tally = work.digest, destination.tally
         try:
-            if await target.has(digest):
-                checkpoint.finish(digest, 0, "skipped")
-                self.tally.finished("skipped")
-                return
-            size = await self._export_blob(digest, target, checkpoint)
-        except NotFound:
-            self._fail("failed", digest, "found in no tier")
-        except CorruptBlob as error:
-            self._fail("corrupt", digest, f"{error}; not exported")
+            size = await self._export_blob(destination, work)
         except TransferError:
             raise
         except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
-            _log_unexpected(error)
-            self._fail("failed", digest, describe(error))
+            kind, message = _item_failure(error)
+            self._fail(tally, kind, digest, message)
         else:
-            checkpoint.finish(digest, size, "done")
-            self.tally.finished("done", size)
+            destination.checkpoint.finish(digest, size, "done")
+            tally.finished("done", size)
 
-    async def _export_blob(self, digest: Digest, target: Target, checkpoint: Checkpoint) -> int:
+    async def _export_blob(self, destination: Destination, work: _Work) -> int:
         """Write one blob; once more if its copy went bad mid-way (the store moves on to the
         next tier that has it)."""
+        target, tally = destination.target, destination.tally
         for attempt in (1, 2):
-            blob = await StoreBlob.open(self.store, digest, whole=target.verified_first)
-            meter = self.tally.meter(blob.size)
+            if work.held is not None:
+                blob: StoreBlob | Shared = work.held
+            else:
+                blob = await StoreBlob.open(self.store, work.digest, whole=target.verified_first)
+            meter = tally.meter(blob.size)
             try:
-                await target.write(digest, blob, checkpoint, meter)
+                await target.write(work.digest, blob, destination.checkpoint, meter)
                 return blob.size
             except (CorruptBlob, UpstreamFailed) as error:
-                if attempt == 2:
+                if attempt == 2 or work.held is not None:
                     raise
-                log.warning("%s: %s; reading it again", digest, describe(error))
+                log.warning("%s: %s; reading it again", work.digest, describe(error))
             finally:
-                self.tally.release(meter)
-                await blob.close()
+                tally.release(meter)
+                if isinstance(blob, StoreBlob):
+                    await blob.close()
         raise AssertionError("unreachable")
 
     # -- import --------------------------------------------------------------------------
@@ -296,7 +537,7 @@ class Transfer:
         except KeyError:
             names = ", ".join(tier.name for tier in self.store.tiers)
             raise UsageError(f"--into {self.into}: no such tier (tiers: {names})") from None
-        if type(tier).put is Tier.put:
+        if not tier.can_store:
             raise UsageError(f"--into {self.into}: a {type(tier).__name__} cannot be written")
         return tier
 
@@ -313,8 +554,9 @@ class Transfer:
     async def _import(self) -> None:
         tier = self._into_tier()
         source = self._make_source()
-        checkpoint = self._checkpoint(tier.name)
+        checkpoint = self._checkpoint(self.location, tier.name)
         await checkpoint.open()
+        self._resuming(self.tally, checkpoint)
         pool = _Pool(self.spec.jobs)
         budget = MemoryBudget(self.spec.memory)
         complete = False
@@ -329,7 +571,7 @@ class Transfer:
                 try:
                     digest = digest_in(entry.name)
                 except BadDigest:
-                    self._fail("ignored", entry.name, "not a digest; not imported")
+                    self._fail(self.tally, "ignored", entry.name, "not a digest; not imported")
                     continue
                 recorded = checkpoint.finished.get(entry.name)
                 if recorded is not None:
@@ -347,7 +589,7 @@ class Transfer:
             try:
                 await source.close()
             finally:
-                await self._finish(checkpoint, complete)
+                await self._finish(self.tally, checkpoint, complete)
 
     async def _prefetch(self, entries: AsyncIterator[Entry]) -> AsyncIterator[Entry]:
         """List ahead of the transfers (up to PREFETCH entries): the total is known as soon as
@@ -357,10 +599,12 @@ class Transfer:
 
         async def lister() -> None:
             nonlocal count
+            size: int | None = 0
             async for entry in entries:
                 count += 1
+                size = None if size is None or entry.size is None else size + entry.size
                 await queue.put(entry)
-            self.tally.total = count
+            self.tally.total, self.tally.total_bytes = count, size
             await queue.put(None)
 
         task = asyncio.get_running_loop().create_task(lister(), name="transfer-listing")
@@ -421,7 +665,7 @@ class Transfer:
         try:
             found = await tier.stat(digest)
         except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
-            self._fail("failed", entry.name, describe(error))
+            self._fail(self.tally, "failed", entry.name, describe(error))
             return True
         if found is None:
             return False
@@ -442,12 +686,12 @@ class Transfer:
             await spool.finish()
             return spool
         except CorruptBlob as error:
-            self._fail("corrupt", entry.name, f"{error}; not stored")
+            self._fail(self.tally, "corrupt", entry.name, f"{error}; not stored")
         except TransferError:
             raise
         except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
             _log_unexpected(error)
-            self._fail("failed", entry.name, describe(error))
+            self._fail(self.tally, "failed", entry.name, describe(error))
         finally:
             if not spool.verified:
                 spool.release()
@@ -461,7 +705,7 @@ class Transfer:
             await self.store.put(digest, spool, [tier])  # also forgets any "found nowhere"
         except Exception as error:  # noqa: BLE001 - one item's failure is reported, the run goes on
             _log_unexpected(error)
-            self._fail("failed", name, f"cannot store in {tier.name}: {describe(error)}")
+            self._fail(self.tally, "failed", name, f"cannot store in {tier.name}: {describe(error)}")
             return
         finally:
             spool.release()
@@ -470,7 +714,7 @@ class Transfer:
         self.tally.finished("done", spool.size)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await run_on(self._executor, fn, *args)
 
 
 class StoreBlob:
@@ -478,7 +722,9 @@ class StoreBlob:
 
     A trusted hit (the disk cache) is read as it is. A fill is followed as it arrives (the
     store holds its last byte back until the whole copy is verified), or, with ``whole``, waited
-    for until verified, for targets that cannot take back what they wrote."""
+    for until verified, for targets that cannot take back what they wrote. Read without filling
+    the caches: an export passes over every blob once and must not push the hot ones out of
+    the disk cache (SPEC 7)."""
 
     def __init__(self, opened: Opened, size: int, whole: Blob | None = None) -> None:
         self.opened = opened
@@ -487,7 +733,7 @@ class StoreBlob:
 
     @classmethod
     async def open(cls, store: Composite, digest: Digest, *, whole: bool) -> StoreBlob:
-        opened = await store.open(digest)
+        opened = await store.open(digest, cache=False)
         try:
             if not whole and opened.size is not None:
                 return cls(opened, opened.size)
@@ -514,6 +760,24 @@ class StoreBlob:
             await self._whole.close()
             self._whole = None
         await self.opened.close()
+
+
+def _item_failure(error: Exception) -> tuple[str, str]:
+    """How one blob's failure is counted and said."""
+    if isinstance(error, NotFound):
+        return "failed", "found in no tier"
+    if isinstance(error, CorruptBlob):
+        return "corrupt", f"{error}; not exported"
+    _log_unexpected(error)
+    return "failed", describe(error)
+
+
+async def _drop_queued(queue: asyncio.Queue[_Work | None]) -> None:
+    """Let go of the copies still waiting for a target that stopped."""
+    while not queue.empty():
+        work = queue.get_nowait()
+        if work is not None and work.held is not None:
+            await work.held.release()
 
 
 class _Pool:
@@ -613,4 +877,14 @@ def _count_lines(path: str) -> int:
     return count
 
 
-__all__ = ["Location", "Snapshot", "StoreBlob", "Transfer", "TransferSpec", "default_into", "describe"]
+__all__ = [
+    "Destination",
+    "Location",
+    "Shared",
+    "Snapshot",
+    "StoreBlob",
+    "Transfer",
+    "TransferSpec",
+    "default_into",
+    "describe",
+]

@@ -1,5 +1,6 @@
-"""Showing a transfer's progress on stderr: a tqdm bar on a terminal (items, bytes, rate, time
-left), a one-line status every few seconds otherwise (logs, CI), and a summary line at the end."""
+"""Showing a transfer's progress on stderr: tqdm bars on a terminal (one per target of an export
+to several), weighted by bytes, with rate and time left; a status line every few seconds
+otherwise (logs, CI); and a summary at the end, printed after the bars are gone."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from tqdm import tqdm
 
 from proxy.transfer.tally import Snapshot
 
-_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} blobs{postfix}"
-_BAR_NO_TOTAL = "{desc}: {n_fmt} blobs{postfix}"
+PERMILLE = 1000  # a bar's steps: its position is the fraction of the bytes done
 
 
 def human_size(size: float) -> str:
@@ -37,33 +37,72 @@ def human_duration(seconds: float) -> str:
 
 
 def status_line(snap: Snapshot) -> str:
-    """``export: 1200/10000 blobs, 4.7 MiB, 1.2 MiB/s, 310 blobs/s, eta 28s (skipped 3, failed 1)``"""
+    """``export: 1200/10000 blobs, 4.7 MiB of ~39 MiB, 1.2 MiB/s, 310 blobs/s, eta 28s (skipped 3)``"""
+    return f"{_label(snap)}: {_progress(snap)}"
+
+
+def status_lines(snap: Snapshot) -> list[str]:
+    """One status line, or one per target of an export to several."""
+    if len(snap.targets) > 1:
+        return [status_line(target) for target in snap.targets]
+    return [status_line(snap)]
+
+
+def summary_line(snap: Snapshot) -> str:
+    """``export: done 10000 (120 by an earlier run), skipped 0, failed 0, corrupt 0; 39.1 MiB
+    this run in 12s, 3.2 MiB/s, 813 blobs/s; 1.2 MiB by earlier runs``"""
+    done = f"done {snap.done}" + (f" ({snap.resumed} by an earlier run)" if snap.resumed else "")
+    line = f"{_label(snap)}: {done}, skipped {snap.skipped}, failed {snap.failed}, corrupt {snap.corrupt}"
+    if snap.ignored:
+        line += f", ignored {snap.ignored} (names that are not digests)"
+    line += f"; {human_size(snap.run_bytes)} this run in {human_duration(snap.elapsed_s)}, {_rates(snap)}"
+    if snap.earlier_bytes:
+        line += f"; {human_size(snap.earlier_bytes)} by earlier runs"
+    return line
+
+
+def summary_lines(snap: Snapshot) -> list[str]:
+    """The summary, and one per target of an export to several."""
+    lines = [summary_line(snap)]
+    if len(snap.targets) > 1:
+        lines += [f"  {summary_line(target)}" for target in snap.targets]
+    return lines
+
+
+def _label(snap: Snapshot) -> str:
+    """``export``, or ``export to TARGET`` for one target's part of an export to several."""
+    return (
+        f"{snap.kind} to {snap.location}" if snap.kind == "export" and snap.location and not snap.targets else snap.kind
+    )
+
+
+def _progress(snap: Snapshot) -> str:
     total = "?" if snap.total is None else str(snap.total)
-    line = f"{snap.kind}: {snap.processed}/{total} blobs, {_rates(snap)}"
+    size = human_size(snap.bytes)
+    if snap.total_bytes is not None:
+        size += f" of {'' if snap.state != 'running' else '~'}{human_size(snap.total_bytes)}"
+    line = f"{snap.processed}/{total} blobs, {size}, {_rates(snap)}"
     if snap.eta_s is not None:
         line += f", eta {human_duration(snap.eta_s)}"
     counts = [(name, getattr(snap, name)) for name in ("skipped", "failed", "corrupt", "ignored")]
     shown = ", ".join(f"{name} {count}" for name, count in counts if count)
+    if snap.state == "failed" and snap.errors:
+        shown = ", ".join(filter(None, [shown, "stopped"]))
     return f"{line} ({shown})" if shown else line
 
 
-def summary_line(snap: Snapshot) -> str:
-    """``export: done 10000, skipped 0, failed 0, corrupt 0; 39.1 MiB in 12s, 3.2 MiB/s, 813 blobs/s``"""
-    done = f"done {snap.done}" + (f" ({snap.resumed} by an earlier run)" if snap.resumed else "")
-    line = f"{snap.kind}: {done}, skipped {snap.skipped}, failed {snap.failed}, corrupt {snap.corrupt}"
-    if snap.ignored:
-        line += f", ignored {snap.ignored} (names that are not digests)"
-    return f"{line}; {human_size(snap.bytes)} in {human_duration(snap.elapsed_s)}, {_rates(snap, moved=True)}"
+def _rates(snap: Snapshot) -> str:
+    return f"{human_size(snap.rate)}/s, {snap.items_rate:.0f} blobs/s"
 
 
-def _rates(snap: Snapshot, moved: bool = False) -> str:
-    size = "" if moved else f"{human_size(snap.bytes)}, "
-    return f"{size}{human_size(snap.rate)}/s, {snap.items_rate:.0f} blobs/s"
+def _escape(text: str) -> str:
+    """``text`` as a tqdm format with one ``{}`` kept for the bar."""
+    return text.replace("{", "{{").replace("}", "}}").replace("{{}}", "{}", 1)
 
 
 class ProgressView:
     """Draws snapshots on ``stream``. Anything else printed meanwhile goes through ``message``
-    so it does not garble the bar."""
+    so it does not garble the bars."""
 
     def __init__(
         self,
@@ -75,46 +114,55 @@ class ProgressView:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = interval
-        self._bar: tqdm[Any] | None = None
+        self._bars: list[tqdm[Any]] = []
         self._last = time.monotonic()
 
     def message(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
+        if self._bars:
+            self._bars[0].write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
 
     def update(self, snap: Snapshot) -> None:
         if self.tty:
-            self._draw_bar(snap)
+            parts = snap.targets if len(snap.targets) > 1 else (snap,)
+            for position, part in enumerate(parts):
+                self._draw_bar(position, part)
             return
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
-            print(status_line(snap), file=self.stream, flush=True)
+            for line in status_lines(snap):
+                print(line, file=self.stream, flush=True)
 
-    def _draw_bar(self, snap: Snapshot) -> None:
-        bar = self._bar
-        if bar is None:
-            bar = self._bar = tqdm(desc=snap.kind, file=self.stream, dynamic_ncols=True, leave=False, delay=1e9)
-        bar.total = snap.total
-        bar.bar_format = _BAR if snap.total is not None else _BAR_NO_TOTAL
-        bar.n = snap.processed
-        postfix = _rates(snap)
-        if snap.eta_s is not None:
-            postfix += f", eta {human_duration(snap.eta_s)}"
-        problems = snap.failed + snap.corrupt
-        if problems:
-            postfix += f", {problems} failed"
-        bar.set_postfix_str(postfix, refresh=False)
+    def _draw_bar(self, position: int, snap: Snapshot) -> None:
+        text = f"{_label(snap)}: {{}}{_progress(snap)}"
+        fraction = snap.fraction
+        layout = _escape(text).format("{percentage:3.0f}%|{bar}| " if fraction is not None else "")
+        while len(self._bars) <= position:
+            self._bars.append(
+                tqdm(
+                    file=self.stream,
+                    dynamic_ncols=True,
+                    leave=False,
+                    position=len(self._bars),
+                    total=PERMILLE,
+                    bar_format=layout,
+                )
+            )
+        bar = self._bars[position]
+        bar.bar_format = layout
+        bar.n = round((fraction or 0.0) * PERMILLE)
         bar.refresh()
 
     def close(self, snap: Snapshot) -> None:
-        """Remove the bar and print the summary."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        print(summary_line(snap), file=self.stream, flush=True)
+        """Remove the bars (all their lines), then print the summary."""
+        for bar in reversed(self._bars):
+            bar.clear()
+            bar.close()
+        self._bars = []
+        for line in summary_lines(snap):
+            print(line, file=self.stream, flush=True)
 
     async def follow(self, snapshot: Callable[[], Snapshot]) -> None:
         """Redraw until cancelled: 5 times a second on a terminal, else every ``interval``."""
@@ -125,7 +173,7 @@ class ProgressView:
 
 
 class MessageHandler(logging.Handler):
-    """Log records (a tier failing, a corrupt copy skipped) as messages above the bar."""
+    """Log records (a tier failing, a corrupt copy skipped) as messages above the bars."""
 
     def __init__(self, view: ProgressView) -> None:
         super().__init__(logging.WARNING)

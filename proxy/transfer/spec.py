@@ -29,17 +29,20 @@ class UsageError(TransferError, exits.UsageError):
 class TransferSpec:
     """One export or import.
 
-    export: ``hashes`` (or ``hashes_file``, one digest a line) are read through the store and
-    written to ``target``. import: every object of ``source`` is verified against the digest in
-    its name and written into the tier ``into`` (default: the first upload target).
+    export: ``hashes`` (or ``hashes_file``, one digest a line) are read through the store, each
+    once, and written to every one of ``targets`` (``target`` is the same for one). import:
+    every object of ``source`` is verified against the digest in its name and written into the
+    tier ``into`` (default: the first upload target).
 
     A location is ``s3://bucket/prefix/``, a folder, a ``.tar`` file, or ``-`` (a tar stream on
-    stdout/stdin, which cannot be resumed). ``checkpoint`` defaults to a file in the cache folder
-    named after the kind and location, so running the same spec again does only what is left.
+    stdout/stdin, which cannot be resumed). ``checkpoint`` defaults to a file per location in the
+    cache folder named after the kind and location, so running the same spec again does only what
+    is left.
     """
 
     kind: Kind
     target: str = ""
+    targets: tuple[str, ...] = ()
     source: str = ""
     hashes: tuple[str, ...] = ()
     hashes_file: str | None = None
@@ -52,16 +55,23 @@ class TransferSpec:
     memory: int = 256 * MiB  # bytes of blob data held in memory at once, all transfers together
 
     @property
-    def location(self) -> str:
-        return self.target if self.kind == "export" else self.source
+    def locations(self) -> tuple[str, ...]:
+        """Where an export writes (each target once, in order), or the one place an import reads."""
+        if self.kind == "import":
+            return (self.source,)
+        return tuple(dict.fromkeys((self.target,) if self.target else self.targets))
 
     def check(self) -> None:
         """Raise UsageError naming the first field that is wrong."""
         if self.kind not in ("export", "import"):
             raise UsageError(f"kind: want 'export' or 'import', got {self.kind!r}")
         if self.kind == "export":
-            if not self.target:
+            if not self.target and not self.targets:
                 raise UsageError("export needs a target (--to)")
+            if self.target and self.targets:
+                raise UsageError("targets: give target (one) or targets (a list), not both")
+            if "-" in self.targets and len(self.targets) > 1:
+                raise UsageError("targets: a tar stream (-) cannot be one of several targets")
             if self.source or self.into:
                 raise UsageError("export takes no source or into tier")
             if not self.hashes and self.hashes_file is None:
@@ -69,7 +79,7 @@ class TransferSpec:
         else:
             if not self.source:
                 raise UsageError("import needs a source (--from)")
-            if self.target or self.hashes or self.hashes_file is not None:
+            if self.target or self.targets or self.hashes or self.hashes_file is not None:
                 raise UsageError("import takes no target or hashes")
         if self.jobs < 1:
             raise UsageError(f"jobs: want at least 1, got {self.jobs}")
@@ -83,6 +93,7 @@ class TransferSpec:
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["hashes"] = list(self.hashes)
+        data["targets"] = list(self.targets)
         return data
 
     @classmethod
@@ -96,9 +107,9 @@ class TransferSpec:
         for name, value in data.items():
             if value is None:
                 continue
-            if name == "hashes":
+            if name in ("hashes", "targets"):
                 if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-                    raise UsageError("hashes: want a list of digests")
+                    raise UsageError(f"{name}: want a list of strings")
                 values[name] = tuple(value)
             elif name in ("part_size", "multipart_threshold", "memory"):
                 try:
