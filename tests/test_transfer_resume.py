@@ -6,13 +6,15 @@ work" is a count, not a guess."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import sqlite3
 import sys
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -35,13 +37,19 @@ _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive
 
 
 class CountingProxy:
-    """Forwards to moto; counts S3 operations; calls ``after(operation, count)`` once each has
-    reached moto (so a kill there leaves that request done at the store, unanswered)."""
+    """Forwards to moto; counts S3 operations (in all, and per bucket). Hooks: ``before(request,
+    bucket, operation)`` is awaited as a request arrives and may hold it, or refuse it
+    (False: answered 503, never sent); ``refuse(bucket, operation)`` True answers 500 (a
+    broken bucket); ``after(operation, count)`` is awaited once a request has reached moto
+    (so a kill there leaves that request done at the store, unanswered)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.counts: Counter[str] = Counter()
-        self.after: Callable[[str, int], None] | None = None
+        self.by_bucket: Counter[tuple[str, str]] = Counter()
+        self.before: Callable[[web.Request, str, str], Awaitable[bool]] | None = None
+        self.refuse: Callable[[str, str], bool] | None = None
+        self.after: Callable[[str, int], Awaitable[None] | None] | None = None
         self.delay = 0.0
         self.in_flight = 0
         self.url = ""
@@ -50,7 +58,13 @@ class CountingProxy:
     async def handle(self, request: web.Request) -> web.Response:
         self.in_flight += 1
         try:
+            operation, bucket = _operation(request), request.path.lstrip("/").split("/", 1)[0]
             body = await request.read()
+            if self.before is not None and not await self.before(request, bucket, operation):
+                return web.Response(status=503)
+            if self.refuse is not None and self.refuse(bucket, operation):
+                self.by_bucket[bucket, f"refused {operation}"] += 1
+                return web.Response(status=500, body=_S3_ERROR, content_type="application/xml")
             if self.delay:
                 await asyncio.sleep(self.delay)
             assert self._session is not None
@@ -60,17 +74,20 @@ class CountingProxy:
             ) as answer:
                 payload = await answer.read()
                 reply = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP}
-            operation = _operation(request)
             self.counts[operation] += 1
+            self.by_bucket[bucket, operation] += 1
             if self.after is not None:
-                self.after(operation, self.counts[operation])
+                pending = self.after(operation, self.counts[operation])
+                if pending is not None:
+                    await pending
             return web.Response(status=answer.status, headers=reply, body=payload)
         finally:
             self.in_flight -= 1
 
     def reset(self) -> None:
         self.counts.clear()
-        self.after = None
+        self.by_bucket.clear()
+        self.before = self.refuse = self.after = None
         self.delay = 0.0
 
     async def settle(self) -> None:
@@ -80,6 +97,17 @@ class CountingProxy:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError("requests still in flight")
+
+
+_S3_ERROR = b"<?xml version='1.0'?><Error><Code>InternalError</Code><Message>fault proxy</Message></Error>"
+
+
+async def until(check: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    """Poll ``check`` (off the loop: it may read SQLite) until true; fail after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.01)
 
 
 def _operation(request: web.Request) -> str:
@@ -144,8 +172,8 @@ async def export(
     return process, lambda: asyncio.ensure_future(asyncio.wait_for(process.communicate(), 60))
 
 
-def checkpoint_rows(tmp_path: Path, table: str) -> int:
-    with sqlite3.connect(tmp_path / "export.sqlite") as db:
+def checkpoint_rows(tmp_path: Path, table: str, path: Path | None = None) -> int:
+    with contextlib.closing(sqlite3.connect(path or tmp_path / "export.sqlite")) as db:
         return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
@@ -192,11 +220,21 @@ async def test_killed_multipart_upload_resumes_from_its_last_part(
     flags = ("-j", "2", "--part-size", "5MiB", "--multipart-threshold", "5MiB")
     process, output = await export(tmp_path, config, target, counting, *flags)
 
-    def kill_at(operation: str, count: int) -> None:
+    async def kill_at(operation: str, count: int) -> None:
         if operation == "UploadPart" and count == 3:
+            # Parts are recorded in batches: kill once a finished part is committed (the point
+            # of the test), not at whatever moment the third part happens to arrive.
+            await until(lambda: checkpoint_rows(tmp_path, "parts") > 0, "a part recorded")
             process.kill()
 
+    async def hold_later_parts(request: web.Request, bucket: str, operation: str) -> bool:
+        if operation == "UploadPart" and int(request.query["partNumber"]) > 3:
+            await asyncio.wait_for(process.wait(), 60)  # the kill comes first: these never reach moto
+            return False
+        return True
+
     counting.after = kill_at
+    counting.before = hold_later_parts
     await output()
     assert process.returncode == -signal.SIGKILL
     await counting.settle()
