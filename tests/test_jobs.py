@@ -205,3 +205,119 @@ async def test_a_job_survives_a_server_restart(
     fetched = [digest for digest in up.requests if digest in blobs]
     assert len(fetched) <= 61, "at most the blob in flight at the stop was fetched again"
     assert (await job(second, paused["id"]))["state"] == "paused"  # listed as paused, not run
+
+
+async def test_jobs_stay_inside_jobs_allow(
+    make_proxy: ProxyFactory, upstream: UpstreamFactory, bucket: Bucket, tmp_path: Path
+) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (exports / "escape").symlink_to(tmp_path / "elsewhere")
+    unconfigured = f"{bucket.name}-nobody"
+    allow = (bucket.url("allowed/"), str(exports), f"s3://{unconfigured}/")
+    client = await start_proxy(make_proxy, tmp_path, await upstream(), bucket, *allow)
+    hashes = [make_blob(10)[1]]
+
+    async def post(body: dict[str, Any]) -> tuple[int, str]:
+        response = await client.post("/jobs", json=body, headers=ADMIN)
+        problem = await response.json()
+        return response.status, str(problem.get("detail", ""))
+
+    for target in (
+        bucket.url("other/"),  # another prefix of the same bucket
+        "s3://some-other-bucket/allowed/",
+        str(tmp_path / "elsewhere"),
+        str(exports / ".." / "elsewhere"),
+        str(exports / "escape" / "out.tar"),  # a symlink out of the allowed folder
+        "/etc/out.tar",
+    ):
+        status, detail = await post({"kind": "export", "target": target, "hashes": hashes})
+        assert (status, "outside jobs.allow" in detail) == (403, True), (target, detail)
+    status, _ = await post({"kind": "import", "source": str(tmp_path / "elsewhere"), "into": "disk"})
+    assert status == 403
+
+    refused = {
+        "hashes_file": "/etc/passwd",
+        "endpoint_url": "http://attacker.example/",
+        "checkpoint": str(exports / "victim"),
+    }
+    for key, value in refused.items():
+        status, detail = await post({"kind": "export", "target": str(exports), key: value, "hashes": hashes})
+        assert (status, detail.startswith(f"{key}: ")) == (400, True), (key, detail)
+    for body in (
+        {"kind": "import", "source": "file:///etc/passwd"},
+        {"kind": "export", "target": "file:///etc/passwd", "hashes": hashes},
+        {"kind": "export", "target": f"s3://{unconfigured}/", "hashes": hashes},  # allowed, but no tier reaches it
+        {"kind": "import", "source": str(exports), "into": "nosuchtier"},
+        {"kind": "import", "source": str(exports), "into": "origin"},  # an http tier stores nothing
+        {"kind": "export", "targets": [str(exports), "-"], "hashes": hashes},
+    ):
+        status, detail = await post(body)
+        assert status == 400, (body, detail)
+
+    allowed = await client.post(
+        "/jobs",
+        json={"kind": "export", "targets": [bucket.url("allowed/x/"), str(exports / "a.tar")], "hashes": hashes},
+        headers=ADMIN,
+    )
+    assert allowed.status == 202
+    spec = (await allowed.json())["spec"]
+    assert spec["checkpoint"].startswith(str(tmp_path)) and spec["endpoint_url"] is None
+
+
+async def test_a_job_that_fails_does_not_hold_up_the_others(
+    make_proxy: ProxyFactory, upstream: UpstreamFactory, bucket: Bucket, tmp_path: Path
+) -> None:
+    up = await upstream()
+    blobs = seed(up, 5)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    client = await start_proxy(make_proxy, tmp_path, up, bucket, str(exports), bucket.url())
+    failing = []
+    for _ in range(3):  # more than run at once: were they stuck, the good job would never start
+        body = {"kind": "import", "source": str(exports / "missing-folder"), "into": "disk"}
+        failing.append((await (await client.post("/jobs", json=body, headers=ADMIN)).json())["id"])
+    good = await (await client.post("/jobs", json=export_request(bucket, list(blobs)), headers=ADMIN)).json()
+
+    done = await wait_for(client, good["id"], lambda j: j["state"] in ("done", "failed"))
+    assert done["state"] == "done", done
+    for job_id in failing:
+        failed = await wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))
+        assert failed["state"] == "failed" and "no such folder" in failed["error"], failed
+
+
+async def test_an_export_job_to_two_targets_shows_each_and_retries_the_failed_one_alone(
+    make_proxy: ProxyFactory, upstream: UpstreamFactory, bucket: Bucket, tmp_path: Path
+) -> None:
+    up = await upstream()
+    blobs = seed(up, 8)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    blocked = exports / "copy"
+    blocked.write_text("a file where the folder target should be")
+    client = await start_proxy(make_proxy, tmp_path, up, bucket, str(exports), bucket.url())
+    body = {"kind": "export", "targets": [bucket.url("both/"), str(blocked)], "hashes": list(blobs)}
+    job_id = (await (await client.post("/jobs", json=body, headers=ADMIN)).json())["id"]
+
+    failed = await wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))
+    assert failed["state"] == "failed" and "is not a folder" in failed["error"], failed
+    by_target = {part["location"]: part for part in failed["targets"]}
+    assert by_target[bucket.url("both/")]["state"] == "done" and by_target[bucket.url("both/")]["done"] == 8
+    assert by_target[str(blocked)]["state"] == "failed"
+    assert sorted(bucket.keys()) == sorted(f"both/{h}" for h in blobs)
+    assert len(up.requests) == 8, "each blob read once"
+
+    blocked.unlink()  # fixed: retry that target alone
+    response = await client.post(f"/jobs/{job_id}/resume", json={"targets": ["s3://elsewhere/"]}, headers=ADMIN)
+    assert response.status == 400, "only the job's own targets"
+    response = await client.post(f"/jobs/{job_id}/resume", json={"targets": [str(blocked)]}, headers=ADMIN)
+    assert response.status == 202
+    done = await wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))
+    assert done["state"] == "done", done
+    by_target = {part["location"]: part for part in done["targets"]}
+    assert by_target[str(blocked)]["done"] == 8 and by_target[bucket.url("both/")]["done"] == 8
+    assert (done["done"], done["failed"]) == (16, 0)
+    assert {path.name for path in blocked.iterdir()} == set(blobs)
+    assert len(up.requests) == 8, "the retry read from the disk cache"
+    # The bucket's part is the first run's: the retry did not even list it.

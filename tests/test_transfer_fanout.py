@@ -132,7 +132,7 @@ async def test_one_read_of_each_blob_for_two_buckets_and_a_tar(
     assert counting.by_bucket[bucket.name, "CreateMultipartUpload"] == 1  # the 11 MiB blob, in parts
     assert counting.by_bucket[other.name, "CompleteMultipartUpload"] == 1
     total = sum(map(len, blobs.values()))
-    assert f"export: done {3 * len(blobs)}, skipped 0, failed 0, corrupt 0;" in err, "blobs × targets"
+    assert f"export: done {3 * len(blobs)}, skipped 0, failed 0, corrupt 0;" in err, "blobs times targets"
     for target in targets:
         assert f"  export to {target}: done {len(blobs)}, skipped 0, failed 0, corrupt 0; " in err
     assert f"{total / MiB:.1f} MiB this run" in err
