@@ -27,6 +27,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from proxy.blocking import run_on
 from proxy.errors import CorruptBlob
 from proxy.tier import CHUNK_SIZE, Tier
 from proxy.tiers.s3 import SIZE_METADATA, S3Tier
@@ -87,10 +88,10 @@ class _Bucket:
         self._executor = executor
 
     async def _call(self, fn: Any, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, **kwargs))
+        return await run_on(self._executor, fn, **kwargs)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await run_on(self._executor, fn, *args)
 
     async def _list_page(self, token: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, "MaxKeys": LIST_PAGE}

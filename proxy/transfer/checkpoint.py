@@ -2,9 +2,9 @@
 
 A row is written only after the thing it records is durable at the target (a PUT answered, a
 file renamed into place, a part uploaded), so after ``kill -9`` at any moment the checkpoint
-never claims more than is there. Rows are committed in batches from one thread: the event loop
-never waits on SQLite, and losing the last batch to a kill only means redoing (or re-checking)
-those few items.
+never claims more than is there. Rows are committed in batches on the database's own thread
+(proxy.database): the event loop never waits on SQLite, and losing the last batch to a kill only
+means redoing (or re-checking) those few items.
 
 For a multipart upload it keeps the upload id and part size before the first part is sent, and
 each finished part's number, ETag and MD5, so a rerun continues the same upload.
@@ -17,12 +17,14 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from proxy.database import Database
 from proxy.transfer.spec import TransferError, UsageError
+
+T = TypeVar("T")
 
 State = Literal["done", "skipped"]
 BATCH_DELAY = 0.05  # seconds
@@ -60,64 +62,56 @@ class Checkpoint:
     """The record of one transfer. With ``path`` None (a tar stream) it records nothing."""
 
     def __init__(self, path: str | None, identity: Mapping[str, Any]) -> None:
-        self.path = path
+        self.path = os.path.abspath(path) if path else None
         self.identity = dict(identity)
         self.finished: dict[str, tuple[int, State]] = {}
         self.uploads: dict[str, Upload] = {}
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._db: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if path else None
+        self._database = Database(self.path, _SCHEMA, "checkpoint") if self.path else None
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self.path is not None:
-            await self._run(self._open)
-
-    def _open(self) -> None:
-        assert self.path is not None
-        folder = os.path.dirname(self.path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
+        if self._database is None:
+            return
         try:
-            db = sqlite3.connect(self.path, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives the process being killed
-            db.executescript(_SCHEMA)
+            recorded = await self._database.run(self._open)
         except sqlite3.DatabaseError as error:
+            await self._database.close()
             raise UsageError(f"checkpoint {self.path}: {error}") from None
-        self._db = db
-        row = db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(self.identity, sort_keys=True),))
-        elif json.loads(row[0]) != self.identity:
-            db.close()
-            self._db = None
-            raise UsageError(f"checkpoint {self.path} belongs to another transfer: {row[0]}")
-        for name, size, state in db.execute("SELECT name, size, state FROM items"):
-            self.finished[name] = (size, state)
-        for name, upload_id, part_size, size in db.execute("SELECT name, upload_id, part_size, size FROM uploads"):
-            self.uploads[name] = Upload(upload_id, part_size, size)
-        for name, number, etag, md5, size in db.execute("SELECT name, number, etag, md5, size FROM parts"):
-            upload = self.uploads.get(name)
-            if upload is not None:
-                upload.parts[number] = Part(etag, md5, size)
+        if recorded is not None:
+            await self._database.close()
+            raise UsageError(f"checkpoint {self.path} belongs to another transfer: {recorded}")
+
+    def _open(self) -> str | None:
+        """Read what is recorded; the identity recorded instead, if it is another transfer's."""
+        assert self._database is not None
+        self._database.connect()
+        with self._database.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(self.identity, sort_keys=True),))
+            elif json.loads(row[0]) != self.identity:
+                return str(row[0])
+            for name, size, state in db.execute("SELECT name, size, state FROM items"):
+                self.finished[name] = (size, state)
+            for name, upload_id, part_size, size in db.execute("SELECT name, upload_id, part_size, size FROM uploads"):
+                self.uploads[name] = Upload(upload_id, part_size, size)
+            for name, number, etag, md5, size in db.execute("SELECT name, number, etag, md5, size FROM parts"):
+                upload = self.uploads.get(name)
+                if upload is not None:
+                    upload.parts[number] = Part(etag, md5, size)
+        return None
 
     async def close(self) -> None:
         """Commit what is pending and close; the file stays for the next run."""
         try:
             await self.flush()
         finally:
-            if self._executor is not None:
-                await self._run(self._close)
-                self._executor.shutdown(wait=False)
-                self._executor = None
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+            if self._database is not None:
+                await self._database.close()
+                self._database = None
 
     async def discard(self) -> None:
         """Close and remove the file: the transfer is complete, nothing is left to resume. (A
@@ -162,7 +156,7 @@ class Checkpoint:
     # -- batching ------------------------------------------------------------------------
 
     def _queue(self, sql: str, params: tuple[Any, ...]) -> None:
-        if self._executor is None:
+        if self._database is None:
             return
         self._raise_failure()
         self._pending.append((sql, params))
@@ -178,11 +172,10 @@ class Checkpoint:
             await self._run(self._commit, batch)
 
     def _commit(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
-        assert self._db is not None
-        with self._db:  # one transaction per batch
-            self._db.execute("BEGIN")
+        assert self._database is not None
+        with self._database.transaction() as db:  # one transaction per batch
             for sql, params in batch:
-                self._db.execute(sql, params)
+                db.execute(sql, params)
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is committed."""
@@ -198,9 +191,9 @@ class Checkpoint:
         if writer is not None and writer.done() and not writer.cancelled() and writer.exception() is not None:
             raise TransferError(f"cannot write checkpoint {self.path}: {writer.exception()}")
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        assert self._executor is not None
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._database is not None
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await self._database.run(fn, *args)
         except sqlite3.Error as error:
             raise TransferError(f"checkpoint {self.path}: {error}") from error

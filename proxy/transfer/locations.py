@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import tempfile
 from abc import ABC, abstractmethod
 from collections import deque
@@ -19,15 +18,16 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
+from proxy.blocking import run_on
 from proxy.digest import Digest
+from proxy.liveness import orphans, temp_prefix
 from proxy.tier import FileBlob
 from proxy.transfer.checkpoint import Checkpoint
 from proxy.transfer.spec import UsageError
 
 LocationKind = Literal["s3", "folder", "tar", "stream"]
 SMALL = 1 << 20  # a blob this small is gathered in memory and written in one go
-TEMP_PREFIX = ".casproxy-export-"  # then the writer's pid: a dead writer's files are removed
-_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
+TEMP_PREFIX = ".casproxy-export-"  # then the writer's pid (proxy.liveness): a dead writer's files are removed
 _COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".zip")
 
 
@@ -197,7 +197,7 @@ class FolderTarget(Target):
         self._present: set[str] = set()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await run_on(self._executor, fn, *args)
 
     async def start(self, expected: int | None) -> None:
         self._present = await self._run(self._prepare)
@@ -206,15 +206,12 @@ class FolderTarget(Target):
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a folder")
         os.makedirs(self.path, exist_ok=True)
-        present = set()
-        for entry in os.scandir(self.path):
-            match = _TEMP_NAME.match(entry.name)
-            if match and not _alive(int(match.group(1))):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)  # a killed export's partial file
-            elif entry.is_file():
-                present.add(entry.name)
-        return present
+        for orphan in orphans(self.path, TEMP_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(orphan)  # a killed export's partial file
+        return {
+            entry.name for entry in os.scandir(self.path) if entry.is_file() and not entry.name.startswith(TEMP_PREFIX)
+        }
 
     async def has(self, name: str) -> bool:
         return name in self._present
@@ -241,7 +238,7 @@ class FolderTarget(Target):
             raise
 
     def _temp_file(self) -> tuple[int, str]:
-        return tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.path)
+        return tempfile.mkstemp(prefix=temp_prefix(TEMP_PREFIX), dir=self.path)
 
     def _write_small(self, target: str, data: bytes) -> None:
         fd, temp = self._temp_file()
@@ -274,7 +271,7 @@ class FolderSource(Source):
         self._executor = executor
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await run_on(self._executor, fn, *args)
 
     async def start(self) -> None:
         if not await self._run(os.path.isdir, self.path):
@@ -317,18 +314,6 @@ class FolderSource(Source):
 def digest_in(name: str) -> Digest:
     """The digest a source object is named by: the last part of its path (flat or sharded)."""
     return Digest.parse(name.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1])
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, BinaryIO
 
+from proxy.blocking import run_on
 from proxy.tier import CHUNK_SIZE
 from proxy.transfer.checkpoint import Checkpoint
 from proxy.transfer.locations import SMALL, Entry, Location, Meter, SizedBlob, Source, Target, collect
@@ -57,7 +58,7 @@ class TarTarget(Target):
         self._broken: str | None = None  # a stream holding a partial member: it cannot go on
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await run_on(self._executor, fn, *args)
 
     async def start(self, expected: int | None) -> None:
         if self._stream is None:
@@ -201,7 +202,7 @@ class TarSource(Source):
         self._archive: tarfile.TarFile | None = None
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await run_on(self._executor, fn, *args)
 
     async def start(self) -> None:
         self._archive = await self._run(self._open)
