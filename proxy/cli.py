@@ -246,7 +246,9 @@ async def get_blobs(
 
     async def fetch(ref: str) -> int:
         digest, _ = client.locate(ref)
-        return await client.download(ref, folder if single else folder / digest, progress=progress.add)
+        return await client.download(
+            ref, folder if single else folder / digest, progress=progress.add, sized=progress.expect
+        )
 
     async with client:
         return await _in_order(refs, jobs, fetch, lambda _, __: None, progress)
@@ -320,6 +322,21 @@ class _Progress:
         self.shown = False
         self.bytes = 0
         self.items = 0
+        self.sized: list[int] = []  # the sizes the server announced so far (get)
+
+    def expect(self, size: int) -> None:
+        """An item's size, known as it starts: the total grows, the rest guessed at their average."""
+        self.sized.append(size)
+
+    def _total(self) -> tuple[int | None, bool]:
+        """The bytes of the whole transfer, and whether that is a guess."""
+        if self.total:
+            return self.total, False
+        if not self.sized:
+            return None, True
+        known = sum(self.sized)
+        left = max(0, self.count - len(self.sized))
+        return known + left * known // len(self.sized), left > 0
 
     def add(self, size: int) -> None:
         self.bytes += size
@@ -337,9 +354,10 @@ class _Progress:
         self.drawn_at = now
         rate = self.bytes / max(now - self.started, 1e-9)
         line = f"{self.verb}: {self.items}/{self.count} files, {_human(self.bytes)}"
-        if self.total:
-            left = (self.total - self.bytes) / rate if rate else 0
-            line += f" of {_human(self.total)}, {_human(rate)}/s, {left:.0f}s left"
+        total, guess = self._total()
+        if total:
+            left = (total - self.bytes) / rate if rate else 0
+            line += f" of {'~' if guess else ''}{_human(total)}, {_human(rate)}/s, {left:.0f}s left"
         else:
             line += f", {_human(rate)}/s"
         self.stream.write(f"\r\033[K{line}")

@@ -271,12 +271,17 @@ class AsyncClient:
         async with response:
             return _ticket_from_json(await response.json())
 
-    async def stream(self, ref: str | Ticket, *, progress: Progress | None = None) -> AsyncIterator[bytes]:
+    async def stream(
+        self, ref: str | Ticket, *, progress: Progress | None = None, sized: Progress | None = None
+    ) -> AsyncIterator[bytes]:
         """The blob's bytes in chunks, verified: the last chunk is held back until the digest
-        matches, so a consumer never sees a complete wrong body (DigestMismatch instead)."""
+        matches, so a consumer never sees a complete wrong body (DigestMismatch instead).
+        ``sized`` is told the blob's size as soon as the server says it."""
         digest, url = self.locate(ref)
         response = await self._request("GET", url, retry=True)
         async with response:
+            if sized is not None and response.content_length is not None:
+                sized(response.content_length)
             hasher = digest.hasher()
             held: bytes | None = None
             async for chunk in response.content.iter_chunked(_CHUNK):
@@ -296,7 +301,12 @@ class AsyncClient:
         return b"".join([chunk async for chunk in self.stream(ref)])
 
     async def download(
-        self, ref: str | Ticket, path: str | os.PathLike[str], *, progress: Progress | None = None
+        self,
+        ref: str | Ticket,
+        path: str | os.PathLike[str],
+        *,
+        progress: Progress | None = None,
+        sized: Progress | None = None,
     ) -> int:
         """Write the blob to ``path`` via a temp file beside it, renamed only once verified.
         Returns the size."""
@@ -307,7 +317,7 @@ class AsyncClient:
         try:
             file = await asyncio.to_thread(open, temp, "xb")
             try:
-                async for chunk in self.stream(ref, progress=progress):
+                async for chunk in self.stream(ref, progress=progress, sized=sized):
                     await asyncio.to_thread(file.write, chunk)
                     size += len(chunk)
             finally:

@@ -373,6 +373,12 @@ def test_progress_draws_only_on_a_terminal() -> None:
     progress.clear()
     assert screen.getvalue().endswith("\r\033[K")
 
+    fetching = Terminal()  # get: the total grows as the server names each size
+    getting = _Progress("get", 4, None, stream=fetching, delay=0)
+    getting.expect(2 << 20)
+    getting.add(1 << 20)
+    assert "get: 0/4 files, 1.0 MiB of ~8.0 MiB, " in fetching.getvalue() and "s left" in fetching.getvalue()
+
     pipe = io.StringIO()
     quiet = _Progress("put", 1, 10, stream=pipe, delay=0)
     quiet.add(10)
