@@ -1,8 +1,13 @@
 """``casproxy export`` to S3 (moto in its own process) next to boto3's own ``upload_file`` for the
-same data, in the same run: many small blobs, then one large blob.
+same data, in the same run: many small blobs, then one large blob; and one export fanned out to
+two buckets next to two single-target exports of the same blobs.
 
     .venv/bin/python bench/transfer.py                       # 10,000 x 4 KiB and one 2 GiB blob
     .venv/bin/python bench/transfer.py --small-count 2000 --large-size 256MiB   # a quick look
+    .venv/bin/python bench/transfer.py --only fanout --small-count 2000 --fanout-size 64KiB
+
+The fan-out case reads from an HTTP origin tier (a server in this process counting every GET),
+with no cache in front, so "blob reads at the source tier" is what each way costs the origin.
 
 Each side is a fresh process (so start-up counts for both) writing to a fresh bucket; wall time
 from spawn to exit, and the process's peak RSS from wait4(). casproxy exports from its disk cache
@@ -25,8 +30,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +80,7 @@ class Row:
     bytes: int
     seconds: float
     peak_rss: int
+    source_reads: int | None = None  # GETs at the source tier (fan-out case)
 
     @property
     def mb_per_s(self) -> float:
@@ -88,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small-size", type=parse_size, default=4 * KiB)
     parser.add_argument("--large-size", type=parse_size, default=2 * GiB)
     parser.add_argument("-j", "--jobs", type=int, default=8, help="parallel transfers, both sides (default: 8)")
-    parser.add_argument("--only", default="small,large", help="small, large or both (default)")
+    parser.add_argument("--fanout-size", type=parse_size, default=64 * KiB, help="blob size in the fan-out case")
+    parser.add_argument("--only", default="small,large,fanout", help="small, large, fanout (default: all)")
     parser.add_argument("--workdir", help="where blobs and caches go (default: a temp folder, removed)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "transfer.json"))
     return parser.parse_args(argv)
@@ -115,6 +125,43 @@ def make_large(folder: Path, size: int) -> int:
             left -= len(block)
     temp.rename(folder / digest.hexdigest())
     return size
+
+
+class CountingOrigin(ThreadingHTTPServer):
+    """``GET /blobs/<hash>`` from a folder, counting the GETs: the source tier of the fan-out case."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.gets: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _OriginHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/blobs/{{hash}}"
+
+
+class _OriginHandler(BaseHTTPRequestHandler):
+    server: CountingOrigin
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # the http.server name
+        name = self.path.rsplit("/", 1)[-1]
+        path = self.server.folder / name
+        if not path.is_file():
+            self.send_error(404)
+            return
+        with self.server.lock:
+            self.server.gets[name] += 1
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def run_timed(args: list[str], log_path: Path) -> tuple[float, int]:
@@ -216,22 +263,63 @@ class Bench:
             rates = f"{row.mb_per_s:9.1f} MB/s {row.blobs_per_s:9.1f} blobs/s"
             log(f"{tool:38} {seconds:8.2f} s {rates}  {rss / MiB:6.0f} MiB")
 
-    def export_args(self, config: Path, hashes: Path, jobs: str) -> list[str]:
+    def export_args(self, config: Path, hashes: Path, jobs: str, targets: int = 1) -> list[str]:
+        places = [part for index in range(targets) for part in ("--to", f"s3://{{bucket{index or ''}}}/c/")]
         return self.casproxy(
-            "export", "-c", str(config), "--hashes", str(hashes), "--to", "s3://{bucket}/c/",
+            "export", "-c", str(config), "--hashes", str(hashes), *places,
             "--endpoint-url", self.endpoint, "-j", jobs,
         )  # fmt: skip
+
+    def fanout(self, name: str, folder: Path, count: int, size: int) -> None:
+        """Two buckets: two single-target exports, then one export to both; source GETs and time."""
+        jobs = str(self.args.jobs)
+        hashes = self.workdir / f"{name}.hashes"
+        hashes.write_text("".join(f"{entry}\n" for entry in sorted(os.listdir(folder))))
+        origin = CountingOrigin(folder)
+        config = self.write_config(f"{name}-origin", [{"name": "origin", "kind": "http", "url": origin.url}])
+        log(f"\n== {name}: {count} x {size} bytes to two buckets, from an HTTP origin (no cache)")
+        try:
+            seconds = 0.0
+            rss = 0
+            for _ in range(2):
+                bucket = self.fresh_bucket()
+                command = [part.replace("{bucket}", bucket) for part in self.export_args(config, hashes, jobs)]
+                took, peak = run_timed(command, self.workdir / f"{name}.log")
+                seconds, rss = seconds + took, max(rss, peak)
+                self.empty(bucket, count, size)
+            self.fanout_row(name, "2 single-target exports (sum)", count, size, seconds, rss, origin)
+            first, second = self.fresh_bucket(), self.fresh_bucket()
+            command = self.export_args(config, hashes, jobs, targets=2)
+            command = [part.replace("{bucket}", first).replace("{bucket1}", second) for part in command]
+            seconds, rss = run_timed(command, self.workdir / f"{name}.log")
+            self.empty(first, count, size)
+            self.empty(second, count, size)
+            self.fanout_row(name, "1 fan-out export to 2 buckets", count, size, seconds, rss, origin)
+        finally:
+            origin.shutdown()
+            origin.server_close()
+
+    def fanout_row(
+        self, name: str, tool: str, count: int, size: int, seconds: float, rss: int, origin: CountingOrigin
+    ) -> None:
+        with origin.lock:
+            reads = sum(origin.gets.values())
+            origin.gets.clear()
+        row = Row(name, tool, 2 * count, 2 * count * size, seconds, rss, reads)
+        self.rows.append(row)
+        log(f"{tool:38} {seconds:8.2f} s {row.mb_per_s:9.1f} MB/s  {reads:6} source reads  {rss / MiB:6.0f} MiB")
 
 
 def table(rows: list[Row]) -> str:
     head = f"| {'case':6} | {'tool':38} | {'blobs':>6} | {'MB':>8} | {'seconds':>8} | {'MB/s':>7} | {'blobs/s':>8} |"
-    head += " peak RSS |"
+    head += " peak RSS | source reads |"
     lines = [head, "|" + "|".join("-" * (len(cell)) for cell in head.split("|")[1:-1]) + "|"]
     for row in rows:
         rss = f"{row.peak_rss / MiB:.0f} MiB" if row.peak_rss else "-"
         lines.append(
             f"| {row.case:6} | {row.tool:38} | {row.blobs:>6} | {row.bytes / 1e6:>8.1f} | {row.seconds:>8.2f} | "
-            f"{row.mb_per_s:>7.1f} | {row.blobs_per_s:>8.1f} | {rss:>8} |"
+            f"{row.mb_per_s:>7.1f} | {row.blobs_per_s:>8.1f} | {rss:>8} | "
+            f"{'-' if row.source_reads is None else row.source_reads:>12} |"
         )
     return "\n".join(lines)
 
@@ -250,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             if "large" in args.only:
                 make_large(workdir / "large", args.large_size)
                 bench.case("large", workdir / "large", 1, args.large_size)
+            if "fanout" in args.only:
+                make_small(workdir / "fanout", args.small_count, args.fanout_size)
+                bench.fanout("fanout", workdir / "fanout", args.small_count, args.fanout_size)
         print("\n" + table(bench.rows))
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
