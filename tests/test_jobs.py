@@ -167,7 +167,8 @@ async def test_pause_resume_and_cancel(
     # The blob in flight at the pause may have reached the bucket unrecorded: then it is skipped.
     assert (done["state"], done["done"] + done["skipped"], done["failed"]) == ("done", 60, 0), done
     assert done["resumed"] >= paused["done"]  # the resumed run took them from the checkpoint
-    assert len(up.requests) == 60, "no blob was fetched twice"
+    # Exports do not fill the cache: the blob in flight at the pause may be fetched again.
+    assert len(up.requests) <= 61, "no blob but the one in flight was fetched twice"
     assert len(bucket.keys()) == 60
 
     # A finished job cannot be paused; a running one can be cancelled, and then not resumed.
@@ -319,5 +320,6 @@ async def test_an_export_job_to_two_targets_shows_each_and_retries_the_failed_on
     assert by_target[str(blocked)]["done"] == 8 and by_target[bucket.url("both/")]["done"] == 8
     assert (done["done"], done["failed"]) == (16, 0)
     assert {path.name for path in blocked.iterdir()} == set(blobs)
-    assert len(up.requests) == 8, "the retry read from the disk cache"
-    # The bucket's part is the first run's: the retry did not even list it.
+    # Exports do not fill the cache: the retry read each blob once more, for the folder alone
+    # (the bucket's part is the first run's: the retry did not even list it).
+    assert len(up.requests) == 16

@@ -556,3 +556,25 @@ def test_hashes_file_takes_sha1sum_output(world: World, tmp_path: Path) -> None:
     assert hashlib.sha1((tmp_path / "out" / next(iter(world.blobs))).read_bytes()).hexdigest() == next(
         iter(world.blobs)
     )
+
+
+async def test_an_export_to_two_targets_does_not_fill_the_disk_cache(world: World, tmp_path: Path) -> None:
+    spec = TransferSpec(
+        "export", targets=(str(tmp_path / "one"), str(tmp_path / "two.tar")), hashes=tuple(world.blobs), **PARTS
+    )
+    snap = await run(spec, world.config)
+    assert (snap.done, snap.failed, len(snap.targets)) == (2 * len(world.blobs), 0, 2)
+    assert [(part.location, part.state, part.done) for part in snap.targets] == [
+        (str(tmp_path / "one"), "done", len(world.blobs)),
+        (str(tmp_path / "two.tar"), "done", len(world.blobs)),
+    ]
+    assert {path.name: path.read_bytes() for path in (tmp_path / "one").iterdir()} == world.blobs
+    store = build_store(load_config(str(world.config), environ={}))
+    try:
+        await store.start()
+        disk = store.tier("disk")
+        assert [await disk.stat(digest) for digest in world.blobs] == [None] * len(world.blobs), (
+            "no hot blob pushed out"
+        )
+    finally:
+        await store.close()
