@@ -61,7 +61,9 @@ from proxy.transfer.tarball import TarSource, TarTarget
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PREFETCH = 100_000  # source entries listed ahead, so the total is known early for most sources
-BACKLOG = 1000  # blobs read ahead of the slowest target (waiting in spools, not in RAM beyond --memory)
+# Blobs read ahead of the slowest target: they wait as verified copies (in RAM within --memory,
+# else files), each holding a file descriptor, so this stays well under the usual 1024 fds.
+BACKLOG = 256
 
 
 def state_dir(store: Composite) -> str:
