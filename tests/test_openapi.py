@@ -82,7 +82,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             if requests.get(f"{proxy.url}/healthz", timeout=5).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # bound, tiers still starting
             pass
         assert time.monotonic() < deadline, (folder / "log").read_text()
         time.sleep(0.05)

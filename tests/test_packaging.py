@@ -330,7 +330,7 @@ def serving(config: Path, env: Mapping[str, str], cwd: Path) -> Iterator[str]:
             try:
                 if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # bound, tiers still starting
                 pass
             assert time.monotonic() < deadline, "casproxy did not answer /healthz within 20 s"
             time.sleep(0.1)

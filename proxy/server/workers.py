@@ -105,13 +105,15 @@ async def _serve(config: Config, sock: socket.socket, announce: str) -> None:
         access_log_class=logger,
         access_log=logging.getLogger("casproxy.access") if config.server.access_log else None,
     )
+    # Handlers first: a SIGTERM while the tiers start is a clean stop too, not a kill.
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     await runner.setup()  # starts the tiers
     try:
         await web.SockSite(runner, sock).start()
-        log.info("casproxy %s %s on %s (config: %s)", __version__, announce, url, config.source)
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        if not stop.is_set():
+            log.info("casproxy %s %s on %s (config: %s)", __version__, announce, url, config.source)
         await stop.wait()
     finally:
         await runner.cleanup()  # finishes the requests in flight, then closes the tiers
