@@ -65,7 +65,7 @@ async def test_metrics_parse_and_move_with_requests(
 
     responses = await asyncio.gather(*(proxy.get(f"/sha1/{digest}") for _ in range(5)))
     assert [r.status for r in responses] == [200] * 5
-    await proxy.server.app[STORE].wait_idle()  # the copy is in the disk cache
+    await proxy.app[STORE].wait_idle()  # the copy is in the disk cache
     assert (await proxy.get(f"/sha1/{digest}")).status == 200  # a hit now
     absent = make_blob(10)[1]
     assert (await proxy.get(f"/sha1/{absent}")).status == 404

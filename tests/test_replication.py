@@ -79,8 +79,11 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, deadline: f
         await asyncio.sleep(0.02)
 
 
+StartQueue = Callable[[MemoryTier], Awaitable[ReplicationQueue]]
+
+
 @pytest.fixture
-async def queues(tmp_path: Path) -> AsyncIterator[Callable[[MemoryTier], Awaitable[ReplicationQueue]]]:
+async def queues(tmp_path: Path) -> AsyncIterator[StartQueue]:
     """Queues over one folder, as each worker process of a server has; closed at the end."""
     started: list[ReplicationQueue] = []
 
@@ -95,7 +98,7 @@ async def queues(tmp_path: Path) -> AsyncIterator[Callable[[MemoryTier], Awaitab
         await queue.close()
 
 
-async def test_an_enqueued_blob_reaches_its_target_and_leaves_the_queue(queues, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_an_enqueued_blob_reaches_its_target_and_leaves_the_queue(queues: StartQueue, tmp_path: Path) -> None:
     target = MemoryTier()
     queue = await queues(target)
     data, digest = blob(1)
@@ -109,7 +112,7 @@ async def test_an_enqueued_blob_reaches_its_target_and_leaves_the_queue(queues, 
     assert not list((tmp_path / "queue" / "blobs").iterdir())  # its copy is gone with its last row
 
 
-async def test_a_failing_target_is_retried_with_growing_delays_until_it_takes_the_blob(queues) -> None:  # type: ignore[no-untyped-def]
+async def test_a_failing_target_is_retried_with_growing_delays_until_it_takes_the_blob(queues: StartQueue) -> None:
     target = MemoryTier()
     target.failing = True
     queue = await queues(target)
@@ -118,7 +121,7 @@ async def test_a_failing_target_is_retried_with_growing_delays_until_it_takes_th
 
     async def tried_twice() -> bool:
         rows = await queue.pending()
-        return bool(rows) and rows[0]["attempts"] >= 2
+        return bool(rows) and int(rows[0]["attempts"]) >= 2
 
     await until(tried_twice, "two attempts failed")
     row = (await queue.pending())[0]
@@ -127,13 +130,13 @@ async def test_a_failing_target_is_retried_with_growing_delays_until_it_takes_th
     target.failing = False
 
     async def delivered() -> bool:
-        return digest in target.blobs and await queue.depth() == 0
+        return digest in target.blobs and (await queue.depth()) == 0
 
     await until(delivered, "the blob reached the recovered target")
     assert target.blobs[digest] == data
 
 
-async def test_queued_work_survives_a_restart(queues) -> None:  # type: ignore[no-untyped-def]
+async def test_queued_work_survives_a_restart(queues: StartQueue) -> None:
     down = MemoryTier()
     down.failing = True
     first = await queues(down)
@@ -146,7 +149,7 @@ async def test_queued_work_survives_a_restart(queues) -> None:  # type: ignore[n
     second = await queues(up)
 
     async def delivered() -> bool:
-        return up.blobs.get(digest) == data and await second.depth() == 0
+        return up.blobs.get(digest) == data and (await second.depth()) == 0
 
     await until(delivered, "the restarted queue delivered the blob", deadline=30.0)
 
@@ -155,7 +158,7 @@ async def _attempted(tier: MemoryTier) -> bool:
     return bool(tier.puts)
 
 
-async def test_two_workers_sharing_a_queue_never_copy_one_item_twice(queues) -> None:  # type: ignore[no-untyped-def]
+async def test_two_workers_sharing_a_queue_never_copy_one_item_twice(queues: StartQueue) -> None:
     # The work is queued first (a queue whose target is down), then two queues over the same folder
     # start at once, each with its own SQLite connection and target, as two worker processes have.
     blobs = [blob(100 + i) for i in range(40)]
@@ -166,7 +169,7 @@ async def test_two_workers_sharing_a_queue_never_copy_one_item_twice(queues) -> 
         await producer.enqueue(digest, BytesPayload(data), ["mirror"])
     await producer.close()
     one, two = MemoryTier(), MemoryTier()
-    first, second = await asyncio.gather(queues(one), queues(two))
+    first, _ = await asyncio.gather(queues(one), queues(two))
 
     async def done() -> bool:
         return await first.depth() == 0

@@ -429,13 +429,14 @@ def test_spec_is_json_and_checked() -> None:
     spec = TransferSpec("export", target="s3://b/p/", hashes=("a" * 40,), jobs=3, part_size=8 * MiB)
     assert TransferSpec.from_json(spec.as_json()) == spec
     assert TransferSpec.from_json({"kind": "import", "source": "x/", "part_size": "32 MiB"}).part_size == 32 * MiB
-    for bad, word in [
+    mistakes: list[tuple[dict[str, Any], str]] = [
         ({"kind": "export", "target": "x/"}, "hashes"),
         ({"kind": "import"}, "source"),
         ({"kind": "import", "source": "x/", "jobs": 0}, "jobs"),
         ({"kind": "import", "source": "x/", "speed": 1}, "speed"),
         ({"kind": "sideways", "source": "x/"}, "kind"),
-    ]:
+    ]
+    for bad, word in mistakes:
         with pytest.raises(UsageError, match=word):
             TransferSpec.from_json(bad)
     assert parse_location("s3://b/deep/prefix").identity == "s3://b/deep/prefix/"
