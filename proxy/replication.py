@@ -76,7 +76,8 @@ class ReplicationQueue:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        if self.database.is_open and self._leased:
+        if self.database.is_open:
+            # On the database's thread, after a lease the cancelled worker may still be taking there.
             await self.database.run(self._release_leases)
         await self.database.close()
 
@@ -146,6 +147,8 @@ class ReplicationQueue:
 
     def _release_leases(self) -> None:
         """Copies interrupted by a shutdown are due again at once, not after their lease."""
+        if not self._leased:
+            return
         with self.database.transaction() as db:
             db.executemany(
                 "UPDATE pending SET next_try = ? WHERE digest = ? AND target = ?",

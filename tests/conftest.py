@@ -37,6 +37,7 @@ def blockbuster() -> Iterator[BlockBuster]:
         everything = list(guard.functions.values())
         # Resolving a path only asks the kernel for the working folder; constructors do it once.
         guard.functions["os.path.abspath"].deactivate()
+        guard.functions["os.getcwd"].deactivate()
         for function in everything:
             # A module's first import reads its files; optional SDKs are imported on first use on
             # purpose (a gcs tier imports gcloud-aio when it is made).
@@ -50,6 +51,11 @@ def blockbuster() -> Iterator[BlockBuster]:
         for function in sqlite:
             function.can_block_in("proxy/tiers/disk.py", "describe")  # TODO(disk): /stats runs SQLite
         guard.functions["os.unlink"].can_block_in("proxy/spool.py", "release")  # TODO(store): spool file removal
+        for function in everything:
+            # TODO(transfer): boto3 reads its models and ~/.aws files building the export's client.
+            function.can_block_in("proxy/transfer/bucket.py", "make_client")
+        guard.functions["os.unlink"].can_block_in("proxy/transfer/checkpoint.py", "discard")  # TODO(transfer)
+        guard.functions["os.unlink"].can_block_in("proxy/bulk.py", "store")  # TODO(hardening): bulk slot's temp file
         yield guard
 
 
