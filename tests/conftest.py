@@ -50,7 +50,7 @@ def blockbuster() -> Iterator[BlockBuster]:
         sqlite = [f for name, f in guard.functions.items() if name.startswith("sqlite3.")]
         for function in sqlite:
             function.can_block_in("proxy/tiers/disk.py", "describe")  # TODO(disk): /stats runs SQLite
-        guard.functions["os.unlink"].can_block_in("proxy/spool.py", "release")  # TODO(store): spool file removal
+        guard.functions["os.unlink"].can_block_in("proxy/store/spool.py", "release")  # TODO(store): spool file removal
         for function in everything:
             # TODO(transfer): boto3 reads its models and ~/.aws files building the export's client.
             function.can_block_in("proxy/transfer/bucket.py", "make_client")
