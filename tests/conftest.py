@@ -56,6 +56,9 @@ def blockbuster() -> Iterator[BlockBuster]:
             function.can_block_in("proxy/transfer/bucket.py", "make_client")
         guard.functions["os.unlink"].can_block_in("proxy/transfer/checkpoint.py", "discard")  # TODO(transfer)
         guard.functions["os.unlink"].can_block_in("proxy/bulk.py", "store")  # TODO(hardening): bulk slot's temp file
+        for function in everything:
+            # TODO(config): 'casproxy cache' runs serve's start-up checks of tier folders on its loop.
+            function.can_block_in("proxy/preflight.py", "preflight")
         yield guard
 
 
