@@ -21,6 +21,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.config import load_config
+from proxy.digest import Digest
 from proxy.service import build_store
 from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferSpec, UsageError, default_into
@@ -40,7 +41,7 @@ def child_env() -> dict[str, str]:
 
 
 # Small multipart settings (S3's minimum part) so a blob of a few MiB goes up in several parts.
-PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
+PARTS: dict[str, Any] = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
 
 
 @dataclass
@@ -574,7 +575,7 @@ async def test_an_export_to_two_targets_does_not_fill_the_disk_cache(world: Worl
     try:
         await store.start()
         disk = store.tier("disk")
-        assert [await disk.stat(digest) for digest in world.blobs] == [None] * len(world.blobs), (
+        assert [await disk.stat(Digest(digest)) for digest in world.blobs] == [None] * len(world.blobs), (
             "no hot blob pushed out"
         )
     finally:
