@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from proxy.blocking import run
 from proxy.digest import ALGORITHMS, Algorithm, Digest
 from proxy.errors import (
     BadDigest,
@@ -315,16 +316,17 @@ class AsyncClient:
         temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
         size = 0
         try:
-            file = await asyncio.to_thread(open, temp, "xb")
+            file = await run(open, temp, "xb")
             try:
                 async for chunk in self.stream(ref, progress=progress, sized=sized):
-                    await asyncio.to_thread(file.write, chunk)
+                    await run(file.write, chunk)
                     size += len(chunk)
             finally:
-                file.close()
-            os.replace(temp, target)
+                await run(file.close)
+            await run(os.replace, temp, target)
         except BaseException:
-            temp.unlink(missing_ok=True)
+            # Shielded: a second cancel while it runs must not leave the temp file behind.
+            await asyncio.shield(run(temp.unlink, missing_ok=True))
             raise
         return size
 

@@ -15,17 +15,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.blocking import run
 from proxy.database import Database
 from proxy.digest import Digest
+from proxy.liveness import orphans, temp_prefix
 from proxy.tier import FilePayload, Payload, Tier
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0  # seconds: a target that is down for hours is still tried every 5 minutes
+_TEMP = ".tmp-"  # a copy being written: ".tmp-<pid>-<digest>-<random>", renamed to "<digest>" when queued
 LEASE = 300.0  # seconds a copy in progress is hidden from other workers (a crashed one's comes back)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -56,23 +60,24 @@ class ReplicationQueue:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.database.run(self._open)
+        await run(self._prepare_folder)
+        await self.database.open()
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="replication")
 
-    def _open(self) -> None:
+    def _prepare_folder(self) -> None:
         os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
-        self.database.connect()
         # Temp files of an enqueue that crashed before its commit hold nothing anyone waits for.
-        for name in os.listdir(self.blob_dir):
-            if name.startswith(".tmp-") and _writer_gone(name):
-                os.unlink(os.path.join(self.blob_dir, name))
+        for path in orphans(self.blob_dir, _TEMP):
+            with contextlib.suppress(FileNotFoundError):  # another worker starting removed it first
+                os.unlink(path)
 
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        if self.database.is_open and self._leased:
+        if self.database.is_open:
+            # On the database's thread, after a lease the cancelled worker may still be taking there.
             await self.database.run(self._release_leases)
         await self.database.close()
 
@@ -86,7 +91,8 @@ class ReplicationQueue:
 
     def _enqueue(self, digest: Digest, payload: Payload, targets: list[str]) -> None:
         # The copy is written outside the lock; renaming it and adding its rows happen together.
-        temp = os.path.join(self.blob_dir, f".tmp-{os.getpid()}-{digest}")
+        # Unique per call too: two queues of one process may copy the same blob at once.
+        temp = os.path.join(self.blob_dir, f"{temp_prefix(_TEMP)}{digest}-{secrets.token_hex(4)}")
         source = payload.open()
         if source is None:
             with open(temp, "wb") as out:
@@ -104,16 +110,12 @@ class ReplicationQueue:
     # -- consuming -----------------------------------------------------------------------
 
     async def depth(self) -> int:
-        return await self.database.run(self._count)
-
-    def _count(self) -> int:
-        return int(self.database.connection.execute("SELECT COUNT(*) FROM pending").fetchone()[0])
+        rows = await self.database.query("SELECT COUNT(*) FROM pending")
+        return int(rows[0][0])
 
     async def pending(self) -> list[dict[str, Any]]:
-        rows = await self.database.run(
-            lambda: self.database.connection.execute(
-                "SELECT digest, target, attempts, next_try, last_error FROM pending ORDER BY next_try"
-            ).fetchall()
+        rows = await self.database.query(
+            "SELECT digest, target, attempts, next_try, last_error FROM pending ORDER BY next_try"
         )
         return [dict(row) for row in rows]
 
@@ -145,6 +147,8 @@ class ReplicationQueue:
 
     def _release_leases(self) -> None:
         """Copies interrupted by a shutdown are due again at once, not after their lease."""
+        if not self._leased:
+            return
         with self.database.transaction() as db:
             db.executemany(
                 "UPDATE pending SET next_try = ? WHERE digest = ? AND target = ?",
@@ -196,18 +200,3 @@ class ReplicationQueue:
             if not left:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.blob_dir, digest))
-
-
-def _writer_gone(name: str) -> bool:
-    """A temp file ``.tmp-<pid>-<digest>`` whose writer process no longer runs (or is this
-    one, which is only starting and has nothing in flight)."""
-    pid = name.split("-")[1]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return True  # also the ``.tmp-<digest>-<pid>`` layout of earlier versions
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, as another user
-    return False

@@ -196,7 +196,11 @@ def test_breaker_settings_are_read_checked_and_wired_into_the_store(tmp_path: Pa
     breaker = build_store(config).breakers["local"]
     assert (breaker.threshold, breaker.cooldown) == (2, 120.0)
 
-    for bad, key in [({"threshold": 0}, "breaker.threshold"), ({"cooldown": "soon"}, "breaker.cooldown")]:
+    mistakes: list[tuple[dict[str, Any], str]] = [
+        ({"threshold": 0}, "breaker.threshold"),
+        ({"cooldown": "soon"}, "breaker.cooldown"),
+    ]
+    for bad, key in mistakes:
         with pytest.raises(ConfigError, match=key):
             load_config(str(config_with(tmp_path, **bad)), environ={})
     with pytest.raises(ConfigError, match=r"breaker\.reset: unknown key"):

@@ -356,6 +356,7 @@ async def test_idle_keep_alive_connections_are_closed(tmp_path: Path, fast_path:
     path = write_config(tmp_path / "c.toml", tiers, server={"fast_path": fast_path}, uploads={"targets": ["local"]})
     server = ProxyServer(load_config(str(path), environ={}), keepalive_timeout=1.0, host="127.0.0.1")
     await server.start_server()
+    assert server.port is not None
     try:
         await raw_answer_until_closed(server.port, get(f"/sha1/{digest}", "Connection: close"))  # the miss
         await server.app[STORE].wait_idle()

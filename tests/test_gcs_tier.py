@@ -120,7 +120,7 @@ class GcsBucket:
     def get(self, key: str) -> bytes:
         """The bytes at rest: urllib asks for no encoding and never decompresses, so an
         object stored gzip comes as stored only because of Accept-Encoding: gzip."""
-        status, data = self._call("GET", self._object(key) + "?alt=media", **{"Accept-Encoding": "gzip"})
+        status, data = self._call("GET", self._object(key) + "?alt=media", None, **{"Accept-Encoding": "gzip"})
         assert status == 200, data
         return data
 

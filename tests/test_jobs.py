@@ -62,7 +62,9 @@ async def job(client: Client, job_id: str) -> dict[str, Any]:
     return body
 
 
-async def wait_for(client: Client, job_id: str, check: Callable[[dict[str, Any]], bool], limit: float = 30) -> dict:
+async def wait_for(
+    client: Client, job_id: str, check: Callable[[dict[str, Any]], bool], limit: float = 30
+) -> dict[str, Any]:
     deadline = time.monotonic() + limit
     while True:
         state = await job(client, job_id)

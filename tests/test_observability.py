@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import logging
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import load_config
-from proxy.server.accesslog import JsonAccessLogger, JsonFormatter
+from proxy.server.accesslog import JsonAccessLogger, JsonFormatter, queued
 from proxy.server.app import create_app
 from proxy.server.keys import STORE
 from tests.conftest import ProxyFactory, Upstream, make_blob, write_config
@@ -65,7 +67,7 @@ async def test_metrics_parse_and_move_with_requests(
 
     responses = await asyncio.gather(*(proxy.get(f"/sha1/{digest}") for _ in range(5)))
     assert [r.status for r in responses] == [200] * 5
-    await proxy.server.app[STORE].wait_idle()  # the copy is in the disk cache
+    await proxy.app[STORE].wait_idle()  # the copy is in the disk cache
     assert (await proxy.get(f"/sha1/{digest}")).status == 200  # a hit now
     absent = make_blob(10)[1]
     assert (await proxy.get(f"/sha1/{absent}")).status == 404
@@ -138,3 +140,38 @@ async def test_json_access_log_has_one_line_per_request_and_no_secrets(tmp_path:
         ("GET", f"/sha1/{digest}", 200),
     ]
     assert lines[1]["tier"] == "disk" and lines[1]["bytes"] >= 1000 and lines[1]["pid"] > 0
+
+
+def test_queued_log_lines_are_written_by_a_thread_with_their_message_bound_at_the_call() -> None:
+    stream = io.StringIO()
+    target = logging.StreamHandler(stream)
+    target.setFormatter(JsonFormatter())
+    writers: list[str] = []
+
+    def note_writer(record: logging.LogRecord) -> bool:
+        writers.append(threading.current_thread().name)
+        return True
+
+    target.addFilter(note_writer)
+    handler = queued(target)
+    logger = logging.getLogger("test.queued")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        tiers = ["disk"]
+        logger.warning("tiers %s", tiers)
+        tiers.append("later")  # after the call: the line must not show it
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    deadline = time.monotonic() + 10
+    while stream.getvalue().count("\n") < 2:
+        assert time.monotonic() < deadline, stream.getvalue()
+        time.sleep(0.01)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "tiers ['disk']"
+    assert second["message"] == "failed" and "ValueError: boom" in second["exception"]
+    assert threading.current_thread().name not in writers

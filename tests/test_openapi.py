@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -100,7 +101,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_conforms_under_generated_requests(case: schemathesis.Case, live: str) -> None:
+def test_api_conforms_under_generated_requests(case: schemathesis.Case[Any], live: str) -> None:
     global cases
     cases += 1
     case.call_and_validate(

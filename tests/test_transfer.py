@@ -21,6 +21,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.config import load_config
+from proxy.digest import Digest
 from proxy.service import build_store
 from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferSpec, UsageError, default_into
@@ -40,7 +41,7 @@ def child_env() -> dict[str, str]:
 
 
 # Small multipart settings (S3's minimum part) so a blob of a few MiB goes up in several parts.
-PARTS = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
+PARTS: dict[str, Any] = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB}
 
 
 @dataclass
@@ -429,13 +430,14 @@ def test_spec_is_json_and_checked() -> None:
     spec = TransferSpec("export", target="s3://b/p/", hashes=("a" * 40,), jobs=3, part_size=8 * MiB)
     assert TransferSpec.from_json(spec.as_json()) == spec
     assert TransferSpec.from_json({"kind": "import", "source": "x/", "part_size": "32 MiB"}).part_size == 32 * MiB
-    for bad, word in [
+    mistakes: list[tuple[dict[str, Any], str]] = [
         ({"kind": "export", "target": "x/"}, "hashes"),
         ({"kind": "import"}, "source"),
         ({"kind": "import", "source": "x/", "jobs": 0}, "jobs"),
         ({"kind": "import", "source": "x/", "speed": 1}, "speed"),
         ({"kind": "sideways", "source": "x/"}, "kind"),
-    ]:
+    ]
+    for bad, word in mistakes:
         with pytest.raises(UsageError, match=word):
             TransferSpec.from_json(bad)
     assert parse_location("s3://b/deep/prefix").identity == "s3://b/deep/prefix/"
@@ -573,7 +575,7 @@ async def test_an_export_to_two_targets_does_not_fill_the_disk_cache(world: Worl
     try:
         await store.start()
         disk = store.tier("disk")
-        assert [await disk.stat(digest) for digest in world.blobs] == [None] * len(world.blobs), (
+        assert [await disk.stat(Digest(digest)) for digest in world.blobs] == [None] * len(world.blobs), (
             "no hot blob pushed out"
         )
     finally:

@@ -219,14 +219,15 @@ async def _depth_is_zero(proxy: Client) -> bool:
 
 def test_non_loopback_bind_without_upload_tokens_refuses_to_start(tmp_path: Path) -> None:
     tiers = [folder(tmp_path)]
-    for host, auth, refused in [
+    cases: list[tuple[str, dict[str, Any], bool]] = [
         ("127.0.0.1", {}, False),
         ("localhost", {}, False),
         ("0.0.0.0", {}, True),
         ("10.1.2.3", {}, True),
         ("0.0.0.0", {"upload_tokens": ["t"]}, False),
         ("0.0.0.0", {"allow_anonymous_uploads": True}, False),
-    ]:
+    ]
+    for host, auth, refused in cases:
         path = write_config(tmp_path / "c.toml", tiers, server={"host": host}, auth=auth)
         config = load_config(str(path), environ={})
         if refused:

@@ -1,10 +1,17 @@
 """One line per request, as text or JSON (with every other log line JSON too). Query strings are
-never logged: they carry ticket signatures; nor are request headers, which carry tokens."""
+never logged: they carry ticket signatures; nor are request headers, which carry tokens.
+
+Log lines are written by a thread of their own (``queued``): the event loop only queues a record,
+it never waits on a write to stderr, which blocks when the pipe to a log collector is full."""
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import logging
+import logging.handlers
+import queue
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -56,3 +63,21 @@ class JsonFormatter(logging.Formatter):
             if record.exc_info:
                 line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)
+
+
+def queued(handler: logging.Handler) -> logging.Handler:
+    """A handler that queues records for ``handler``, which a thread writes as they come."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    listener.start()
+    atexit.register(listener.stop)  # writes what is still queued before the process ends
+    return _Enqueue(records)
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The message is bound now (its arguments may change once the call returns); formatting,
+        # exception text included, is left to the writing thread's handler.
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        return record

@@ -36,7 +36,7 @@ _STOP_GRACE = 30.0  # seconds workers get to finish their requests after SIGTERM
 
 
 def setup_logging(config: Config) -> None:
-    from proxy.server.accesslog import JsonFormatter
+    from proxy.server.accesslog import JsonFormatter, queued
 
     handler = logging.StreamHandler(sys.stderr)
     if config.server.log_format == "json":
@@ -45,7 +45,7 @@ def setup_logging(config: Config) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.INFO, handlers=[queued(handler)])  # written off the event loop
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:

@@ -38,7 +38,7 @@ class Composite:
 
     def __init__(
         self,
-        tiers: Iterable[Tier] = (),
+        tiers: Iterable[Tier | APIOrigin] = (),  # SPEC 4: an APIOrigin is wrapped, as by append()
         *,
         negative_cache: NegativeCache | None = None,
         spool_dir: str | None = None,

@@ -6,15 +6,15 @@ Writes go to a temp file in the same folder and are renamed into place: never a 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from proxy.blocking import run_on
 from proxy.digest import Digest
 from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, object_key
 from proxy.errors import TierError
@@ -48,18 +48,15 @@ class FsTier(Tier):
     def _path(self, digest: Digest) -> str:
         return os.path.join(self.path, object_key("", digest, self.layout))
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def start(self) -> None:
-        await self._run(lambda: os.makedirs(self.path, exist_ok=True))
+        await run_on(self._executor, os.makedirs, self.path, exist_ok=True)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False)
 
     async def open(self, digest: Digest) -> Blob | None:
         try:
-            file: BinaryIO = await self._run(open, self._path(digest), "rb")
+            file: BinaryIO = await run_on(self._executor, open, self._path(digest), "rb")
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -71,7 +68,7 @@ class FsTier(Tier):
 
     async def stat(self, digest: Digest) -> Stat | None:
         try:
-            info = await self._run(os.stat, self._path(digest))
+            info = await run_on(self._executor, os.stat, self._path(digest))
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -80,7 +77,7 @@ class FsTier(Tier):
 
     async def put(self, digest: Digest, payload: Payload) -> None:
         try:
-            await self._run(self._put, self._path(digest), payload)
+            await run_on(self._executor, self._put, self._path(digest), payload)
         except OSError as error:
             raise TierError(f"{self.name}: cannot store {digest}: {error}") from error
 
@@ -108,7 +105,7 @@ class FsTier(Tier):
 
     async def delete(self, digest: Digest) -> bool:
         try:
-            await self._run(os.unlink, self._path(digest))
+            await run_on(self._executor, os.unlink, self._path(digest))
         except FileNotFoundError:
             return False
         return True

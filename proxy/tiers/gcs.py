@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from proxy.blocking import run
 from proxy.digest import Digest
 from proxy.encoding import Encoding, Layout, decode_stream, encode_bytes, encoder, object_key
 from proxy.errors import ConfigError, TierError
@@ -109,7 +110,7 @@ class GcsTier(Tier):
             )
 
         try:
-            self._storage = await asyncio.get_running_loop().run_in_executor(None, make)
+            self._storage = await run(make)
         except (OSError, ValueError, KeyError) as error:
             await self._session.close()
             self._session = None
@@ -223,7 +224,7 @@ class GcsTier(Tier):
             raise TierError(f"{self.name}: upload of {key} failed: {_say(error)}") from error
 
     async def _upload_small(self, key: str, payload: Payload) -> None:
-        body = await asyncio.get_running_loop().run_in_executor(None, self._small_body, payload)
+        body = await run(self._small_body, payload)
         upload = self.storage.upload(
             self.bucket,
             key,
@@ -251,18 +252,17 @@ class GcsTier(Tier):
     async def _upload_resumable(self, key: str, payload: Payload) -> None:
         """A resumable upload in UPLOAD_CHUNK pieces, encoding as it reads: memory stays at two
         pieces whatever the blob's size, and the encoded size need not be known up front."""
-        loop = asyncio.get_running_loop()
-        source: BinaryIO = await loop.run_in_executor(None, _open_payload, payload)
+        source: BinaryIO = await run(_open_payload, payload)
         try:
             uri = await self._begin_upload(key, payload.size)
             reader = _Pieces(source, self.encoding, UPLOAD_CHUNK)
             offset = 0
-            piece = await loop.run_in_executor(None, reader.read)
+            piece = await run(reader.read)
             while True:
                 # Read the next piece while this one is on the wire. A short piece is the last one;
                 # a full one at the very end is followed by an empty PUT that names the total.
                 last = len(piece) < UPLOAD_CHUNK
-                following = None if last else loop.run_in_executor(None, reader.read)
+                following = None if last else asyncio.ensure_future(run(reader.read))
                 try:
                     await self._send_piece(uri, piece, offset, last)
                 except BaseException:
@@ -274,7 +274,7 @@ class GcsTier(Tier):
                 offset += len(piece)
                 piece = await following
         finally:
-            await loop.run_in_executor(None, source.close)
+            await run(source.close)
 
     async def _begin_upload(self, key: str, size: int) -> str:
         headers = {**await self._auth(), "X-Upload-Content-Type": _CONTENT_TYPE}

@@ -5,9 +5,9 @@ boto3 blocks, so every call runs in this tier's own executor, sized like its con
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,6 +16,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from proxy.blocking import run_on
 from proxy.digest import Digest
 from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, object_key
 from proxy.errors import TierError
@@ -79,7 +80,7 @@ class S3Tier(Tier):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = await self._run(self.make_client)
+        self._client = await run_on(self._executor, self.make_client)
 
     def make_client(self, config: botocore.config.Config | None = None) -> Any:
         session = boto3.session.Session(profile_name=self.profile)
@@ -102,10 +103,11 @@ class S3Tier(Tier):
             self._client = self.make_client()
         return self._client
 
-    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """boto3's errors as ours: a missing object is ``_Missing``, anything else a TierError."""
         try:
-            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+            yield
         except botocore.exceptions.ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             if code in _MISSING_CODES:
@@ -121,7 +123,10 @@ class S3Tier(Tier):
 
     async def open(self, digest: Digest) -> Blob | None:
         try:
-            response = await self._run(self.client.get_object, Bucket=self.bucket, Key=self.key(digest))
+            with self._errors():
+                response = await run_on(
+                    self._executor, self.client.get_object, Bucket=self.bucket, Key=self.key(digest)
+                )
         except _Missing:
             return None
         body = response["Body"]
@@ -133,20 +138,24 @@ class S3Tier(Tier):
 
     async def _read_body(self, body: Any) -> AsyncIterator[bytes]:
         while True:
-            chunk = await self._run(body.read, CHUNK_SIZE)
+            with self._errors():
+                chunk = await run_on(self._executor, body.read, CHUNK_SIZE)
             if not chunk:
                 return
             yield chunk
 
-    def _closer(self, body: Any) -> Any:
+    def _closer(self, body: Any) -> Callable[[], Awaitable[None]]:
         async def close() -> None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, body.close)
+            await run_on(self._executor, body.close)
 
         return close
 
     async def stat(self, digest: Digest) -> Stat | None:
         try:
-            response = await self._run(self.client.head_object, Bucket=self.bucket, Key=self.key(digest))
+            with self._errors():
+                response = await run_on(
+                    self._executor, self.client.head_object, Bucket=self.bucket, Key=self.key(digest)
+                )
         except _Missing:
             return None
         size = response.get("Metadata", {}).get(SIZE_METADATA)
@@ -155,7 +164,8 @@ class S3Tier(Tier):
         return Stat(response.get("ContentLength") if self.encoding == "identity" else None)
 
     async def put(self, digest: Digest, payload: Payload) -> None:
-        await self._run(self._put, self.key(digest), payload)
+        with self._errors():
+            await run_on(self._executor, self._put, self.key(digest), payload)
 
     def _put(self, key: str, payload: Payload) -> None:
         extra: dict[str, Any] = {
@@ -176,7 +186,8 @@ class S3Tier(Tier):
             )
 
     async def delete(self, digest: Digest) -> bool:
-        await self._run(self.client.delete_object, Bucket=self.bucket, Key=self.key(digest))
+        with self._errors():
+            await run_on(self._executor, self.client.delete_object, Bucket=self.bucket, Key=self.key(digest))
         return True
 
     def describe(self) -> dict[str, object]:
