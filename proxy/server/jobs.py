@@ -3,12 +3,10 @@ request and answers; proxy.jobs records and runs the jobs."""
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
-from proxy.errors import BadRequest
 from proxy.jobs import Wanted
+from proxy.server.bodies import read_json_object
 from proxy.server.keys import SERVICE
 
 _ACTIONS: dict[str, Wanted] = {"pause": "pause", "resume": "run", "cancel": "cancel"}
@@ -18,10 +16,7 @@ async def create_job(request: web.Request) -> web.Response:
     """POST /jobs {"kind": "export"|"import", ...the fields of `casproxy export/import`} -> 202."""
     service = request.app[SERVICE]
     service.access.check_admin(request.headers.get("Authorization"))
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON object") from None
+    body = await read_json_object(request, '{"kind": "export", ...}')
     job = await service.jobs.create(body)
     return web.json_response(job, status=202, headers={"Location": f"/jobs/{job['id']}"})
 
