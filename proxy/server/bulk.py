@@ -3,7 +3,6 @@ POST (form), PUT and GET URLs."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator
 
