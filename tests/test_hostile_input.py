@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.config import load_config
 from proxy.errors import ConfigError
+from proxy.preflight import preflight
 from proxy.server.accesslog import AccessLogger, printable
 from proxy.service import build_service
 from proxy.tickets import Signer
@@ -221,6 +222,8 @@ def test_http_tier_with_a_password_and_a_token_is_a_config_error(tmp_path: Path)
     config = load_config(str(write_config(tmp_path / "c.toml", [tier])), environ={})
     with pytest.raises(ConfigError, match=r"tier 'up'\.token"):
         build_service(config)
+    with pytest.raises(ConfigError, match=r"tiers\[0\] \(up\)\.token"):
+        preflight(config)  # what check-config runs
 
 
 # -- Expect: 100-continue --------------------------------------------------------------------
