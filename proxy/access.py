@@ -20,9 +20,12 @@ def bearer_token(authorization: str | None) -> str | None:
 
 def _known(token: str | None, tokens: tuple[str, ...]) -> bool:
     # Compare against every token, in constant time each, so timing reveals nothing.
+    # surrogatepass: a header's undecodable bytes (0xff) arrive as surrogates; they must compare
+    # unequal, not raise.
+    given = token.encode("utf-8", "surrogatepass") if token is not None else None
     found = False
     for candidate in tokens:
-        found |= token is not None and hmac.compare_digest(token.encode(), candidate.encode())
+        found |= given is not None and hmac.compare_digest(given, candidate.encode())
     return found
 
 
@@ -62,12 +65,22 @@ class Access:
         self._check(bearer_token(authorization), self.admin_tokens, "admin")
 
     def check_read(self, path: str, query: Mapping[str, str], authorization: str | None) -> None:
-        if not self.require_ticket:
+        """With require_ticket a read needs a ticket or a token. A ticket that comes along is
+        checked either way: a tampered or expired one is refused, never silently ignored."""
+        if self.require_ticket and self._has_token(authorization):
             return
+        if self.require_ticket or "sig" in query or "expires" in query:
+            self.signer.verify(path, query.get("expires"), query.get("sig"))
+
+    def check_probe(self, authorization: str | None) -> None:
+        """Existence checks (/sha1/missing): under require_ticket they need a token, or anyone
+        could learn which blobs exist."""
+        if self.require_ticket:
+            self._check(bearer_token(authorization), self.upload_tokens + self.admin_tokens, "upload")
+
+    def _has_token(self, authorization: str | None) -> bool:
         token = bearer_token(authorization)
-        if token is not None and _known(token, self.upload_tokens + self.admin_tokens):
-            return
-        self.signer.verify(path, query.get("expires"), query.get("sig"))
+        return token is not None and _known(token, self.upload_tokens + self.admin_tokens)
 
     @staticmethod
     def _check(token: str | None, tokens: tuple[str, ...], what: str) -> None:

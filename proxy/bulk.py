@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -21,7 +22,8 @@ from urllib.parse import urlencode
 
 import botocore.config
 
-from proxy.encoding import ENCODINGS, Encoding, decoder, encoder
+from proxy.blocking import run
+from proxy.encoding import ENCODINGS, Encoding, decode_pieces, decoder, encoder
 from proxy.errors import BadRequest, NotFound, TooLarge
 from proxy.tickets import Signer
 from proxy.tiers.s3 import S3Tier
@@ -152,22 +154,27 @@ class SelfBulkData:
         return os.path.join(self.directory, f"{name}.{encoding}")
 
     async def store(self, name: str, encoding: Encoding, chunks: AsyncIterator[bytes], encoded: bool) -> int:
-        """Keep an object as ``encoding`` bytes. ``encoded``: the chunks are already encoded
-        (a form upload) and must decode cleanly; else they are plain and get encoded here.
-        Returns the decoded size: the same body gives the same size through POST and PUT."""
+        """Keep an object as ``encoding`` bytes; ``max_size`` limits its decoded bytes. ``encoded``:
+        the chunks are already encoded (a form upload) and must decode cleanly (checked off the
+        loop, in bounded pieces: a compression bomb is a 413, not gigabytes of memory); else they
+        are plain and get encoded here. Returns the decoded size: the same body gives the same
+        size through POST and PUT."""
         target = self._path(name, encoding)
         await asyncio.to_thread(os.makedirs, self.directory, 0o700, True)
         temp = f"{target}.tmp-{secrets.token_hex(4)}"
         check = decoder(encoding) if encoded else None
         compress = None if encoded else encoder(encoding)
-        size = plain = 0
+        size = decoded = 0
         file: BinaryIO = await asyncio.to_thread(open, temp, "wb")
         try:
             async for chunk in chunks:
                 size += len(chunk)
-                if size > self.max_size:
-                    raise TooLarge(f"more than {self.max_size} bytes")
-                plain += len(chunk) if check is None else _decode_or_reject(check, chunk, encoding)
+                if check is None:
+                    decoded += len(chunk)
+                else:
+                    decoded += await run(_decoded_size, check, chunk, encoding, self.max_size - decoded)
+                if decoded > self.max_size:
+                    raise TooLarge(f"more than {self.max_size} bytes (server.max_upload_size) once decoded")
                 out = compress.compress(chunk) if compress is not None else chunk
                 await asyncio.to_thread(file.write, out)
             if compress is not None:
@@ -184,7 +191,7 @@ class SelfBulkData:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
             raise
-        return plain
+        return decoded
 
     async def open(self, name: str) -> tuple[BinaryIO, Encoding, int]:
         for encoding in ENCODINGS:
@@ -200,9 +207,14 @@ def _split(query: str) -> list[tuple[str, str]]:
     return [tuple(part.split("=", 1)) for part in query.split("&")]  # type: ignore[misc]
 
 
-def _decode_or_reject(check: Any, chunk: bytes, encoding: str) -> int:
-    """The decoded length of ``chunk``."""
+def _decoded_size(check: zlib._Decompress, chunk: bytes, encoding: str, room: int) -> int:
+    """How many bytes ``chunk`` decodes to, counting no further than one piece past ``room``."""
+    total = 0
     try:
-        return len(check.decompress(chunk))
-    except Exception as error:  # noqa: BLE001 - zlib.error and friends: not this encoding
+        for piece in decode_pieces(check, chunk):
+            total += len(piece)
+            if total > room:
+                break
+    except zlib.error as error:
         raise BadRequest(f"the body is not {encoding} data: {error}") from None
+    return total

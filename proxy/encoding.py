@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO, Literal
 
 from proxy.errors import CorruptBlob
@@ -37,13 +37,17 @@ class _AutoDeflate:
     def __init__(self) -> None:
         self._inner: zlib._Decompress | None = None
         self.eof = False
+        self.unconsumed_tail = b""
+        self.unused_data = b""
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
         if self._inner is None:
             wrapped = len(data) >= 2 and (data[0] & 0x0F) == 8 and (data[0] << 8 | data[1]) % 31 == 0
             self._inner = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
-        out = self._inner.decompress(data)
+        out = self._inner.decompress(data, max_length)
         self.eof = self._inner.eof
+        self.unconsumed_tail = self._inner.unconsumed_tail
+        self.unused_data = self._inner.unused_data
         return out
 
     def flush(self) -> bytes:
@@ -69,6 +73,19 @@ async def decode_stream(chunks: AsyncIterator[bytes], encoding: Encoding) -> Asy
         yield tail
     if not dec.eof:
         raise CorruptBlob(f"{encoding} data is truncated")
+
+
+def decode_pieces(dec: zlib._Decompress, data: bytes, step: int = 1 << 18) -> Iterator[bytes]:
+    """``data`` decoded in pieces of at most ``step`` bytes, so that a compression bomb is never
+    whole in memory: the caller counts the pieces and stops when it has seen enough.
+    Raises zlib.error for bytes that are not the encoding, or that follow its end."""
+    while data:
+        out = dec.decompress(data, step)
+        if out:
+            yield out
+        data = dec.unconsumed_tail
+    if dec.unused_data:
+        raise zlib.error("data after the end of the compressed stream")
 
 
 def encoder(encoding: Encoding) -> zlib._Compress | None:

@@ -8,11 +8,12 @@ import dataclasses
 import os
 import socket
 import stat
+from urllib.parse import urlsplit
 
 from proxy.access import check_exposure
 from proxy.config import Config
 from proxy.errors import ConfigError
-from proxy.tiers.kinds import TierConfig
+from proxy.tiers.kinds import HttpConfig, TierConfig
 
 
 def preflight(config: Config) -> None:
@@ -20,12 +21,20 @@ def preflight(config: Config) -> None:
     check_exposure(config)
     targets = config.uploads.targets
     for index, tier in enumerate(config.tiers):
+        _check_credentials(tier, f"tiers[{index}] ({tier.name})", config.source)
         for key in dataclasses.fields(tier):
             if key.metadata.get("folder"):
                 # a folder written to: a cache, an upload target, or a source that may become one
                 writes = tier.role == "cache" or tier.name in targets or not targets
                 where = f"tiers[{index}] ({tier.name}).{key.name}"
                 _check_folder(getattr(tier, key.name), where, config.source, writes, private=_private(tier))
+
+
+def _check_credentials(tier: TierConfig, where: str, source: str) -> None:
+    # An http tier cannot send both: aiohttp refuses user:password in the URL next to an
+    # Authorization header, on every request (each miss was a 500).
+    if isinstance(tier, HttpConfig) and tier.token and urlsplit(tier.url).username is not None:
+        raise ConfigError(f"{where}.token: the url already carries a user:password; use one or the other (in {source})")
 
 
 def _private(tier: TierConfig) -> bool:

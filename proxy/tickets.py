@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from proxy.digest import Digest
-from proxy.errors import Forbidden, TicketExpired
+from proxy.errors import ConfigError, Forbidden, TicketExpired
+from proxy.numbers import decimal
 
 SECRET_FILE = "ticket_secret"
+MIN_SECRET = 16  # bytes
+_SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")  # a hex SHA-256, ASCII only (compare_digest refuses other str)
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,9 @@ class Signer:
     """Signs and checks ``path`` + ``expires`` with a secret key."""
 
     def __init__(self, secret: bytes, base_url: str, ttl: float) -> None:
-        if len(secret) < 16:
-            raise ValueError("a ticket secret needs at least 16 bytes")
+        if len(secret) < MIN_SECRET:
+            # config checks auth.ticket_secret first; this guards library callers
+            raise ConfigError(f"auth.ticket_secret: needs at least {MIN_SECRET} bytes, has {len(secret)}")
         self._key = secret
         self.base_url = base_url.rstrip("/")
         self.ttl = ttl
@@ -57,13 +62,14 @@ class Signer:
         return Ticket(digest, size, url, f"{url}?{query}", expires)
 
     def verify(self, path: str, expires: str | None, sig: str | None, now: float | None = None) -> None:
-        """Raise Forbidden for a missing or tampered signature, TicketExpired for an old one."""
-        if not expires or not sig or not expires.isdigit():
+        """Raise Forbidden for a missing, malformed or tampered signature, TicketExpired for an old one."""
+        when = decimal(expires)
+        if when is None or sig is None or not _SIGNATURE.fullmatch(sig):
             raise Forbidden("a valid ticket (expires and sig) or a bearer token is required")
         # Constant-time: never tell an attacker how much of a guessed signature was right.
-        if not hmac.compare_digest(self.signature(path, int(expires)), sig.lower()):
+        if not hmac.compare_digest(self.signature(path, when), sig.lower()):
             raise Forbidden("the ticket's signature does not match")
-        if int(expires) < (now or time.time()):
+        if when < (now or time.time()):
             raise TicketExpired(f"the ticket expired at {expires}")
 
 

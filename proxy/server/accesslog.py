@@ -12,9 +12,21 @@ import json
 import logging
 import logging.handlers
 import queue
+import re
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+
+from proxy.server.departures import status_of
+
+# C0 and C1 controls and DEL, and the Unicode line breaks some log viewers honour: a newline in
+# a (percent-decoded) path must not start a forged log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as a \\xNN / \\uNNNN escape."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -24,8 +36,8 @@ class AccessLogger(AbstractAccessLogger):
         fields = {
             "remote": request.remote,
             "method": request.method,
-            "path": request.path,  # no query string: it may hold a ticket's signature
-            "status": response.status,
+            "path": printable(request.path),  # no query string: it may hold a ticket's signature
+            "status": status_of(request, response),
             "bytes": response.body_length,
             "ms": round(time * 1000, 2),
             "cache": response.headers.get("X-Cache", "-"),

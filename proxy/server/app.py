@@ -60,6 +60,8 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
         await service.close()
 
     app.cleanup_ctx.append(lifetime)
+    if config.auth.require_ticket:
+        app.on_response_prepare.append(blobs.keep_private)
     router = app.router
     for algorithm in ALGORITHMS:
         # A literal first segment per algorithm keeps these routes in aiohttp's prefix index:
@@ -67,11 +69,11 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
         missing = router.add_resource(f"/{algorithm}/missing")  # before /{hash}, which "missing" is not
         missing.add_route("POST", blobs.post_missing)
         missing.add_route("*", _only_post)
-        router.add_post(f"/{algorithm}", uploads.post_blob)
+        router.add_post(f"/{algorithm}", uploads.post_blob, expect_handler=uploads.expect_upload)
         blob = router.add_resource(f"/{algorithm}/{{hash}}")
         blob.add_route("GET", blobs.get_blob)  # keep BLOB_METHODS in step with these
         blob.add_route("HEAD", blobs.get_blob)
-        blob.add_route("PUT", uploads.put_blob)
+        blob.add_route("PUT", uploads.put_blob, expect_handler=uploads.expect_upload)
         blob.add_route("DELETE", uploads.delete_blob)
         router.add_route("*", f"/{algorithm}/{{rest:.*}}", _not_a_digest)
     router.add_post("/bulk-data", bulk.create_slots)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from aiohttp import web
 
 from proxy.digest import Algorithm, Digest
 from proxy.errors import BadRequest, NotFound, PreconditionFailed
+from proxy.server.bodies import read_json_object
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.responses import SendfileResponse, etag_matches, parse_range, range_header, send_stream
 from proxy.store.composite import Composite
@@ -16,7 +16,18 @@ from proxy.tier import Blob, BytesBlob, FileBlob
 
 MAX_MISSING_QUERY = 10_000
 _MISSING_CONCURRENCY = 32
+_MISSING_EXAMPLE = '{"hashes": ["<hex digest>", ...]}'
 CACHE_CONTROL = "public, max-age=31536000, immutable"  # a name never changes its bytes
+# With auth.require_ticket every blob answer needed a ticket or token: a shared cache in front
+# must not hand it to others (browsers and private caches may still keep it).
+PRIVATE_CACHE_CONTROL = "private, max-age=31536000, immutable"
+
+
+async def keep_private(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook under require_ticket: one place for every blob answer
+    (200, 206, 304, HEAD, streamed)."""
+    if response.headers.get("Cache-Control") == CACHE_CONTROL:
+        response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL
 
 
 def digest_of(request: web.Request) -> Digest:
@@ -127,13 +138,11 @@ async def _send_blob(request: web.Request, blob: Blob, headers: dict[str, str]) 
 async def post_missing(request: web.Request) -> web.Response:
     """{"hashes": [...]} -> {"missing": [...]}: which of them no tier has."""
     algorithm = algorithm_of(request)
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadRequest(f"body is not JSON: {error}") from None
-    hashes = body.get("hashes") if isinstance(body, dict) else None
+    request.app[SERVICE].access.check_probe(request.headers.get("Authorization"))
+    body = await read_json_object(request, _MISSING_EXAMPLE)
+    hashes = body.get("hashes")
     if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
-        raise BadRequest('want a JSON body {"hashes": ["<hex digest>", ...]}')
+        raise BadRequest(f"want a JSON body {_MISSING_EXAMPLE}")
     if len(hashes) > MAX_MISSING_QUERY:
         raise BadRequest(f"at most {MAX_MISSING_QUERY} hashes per request, got {len(hashes)}")
     digests = [Digest.parse(h, algorithm) for h in hashes]

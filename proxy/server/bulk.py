@@ -3,7 +3,6 @@ POST (form), PUT and GET URLs."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator
 
@@ -13,20 +12,19 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.blocking import run
 from proxy.bulk import SelfBulkData, check_request, parse_encoding
 from proxy.errors import BadRequest, Forbidden, NotFound
+from proxy.server.bodies import read_json_object
 from proxy.server.keys import SERVICE
 from proxy.server.responses import SendfileResponse, etag_matches
 from proxy.tier import CHUNK_SIZE, FileBlob
+
+_MAX_FIELD = 8192
 
 
 async def create_slots(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.access.check_upload(request.headers.get("Authorization"))
-    try:
-        body = await request.json(loads=json.loads) if request.can_read_body else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadRequest(f"body is not JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise BadRequest('want a JSON object like {"count": 1, "content_encoding": "gzip"}')
+    example = '{"count": 1, "content_encoding": "gzip"}'
+    body = await read_json_object(request, example) if request.can_read_body else {}
     count, encoding = check_request(body.get("count", 1), body.get("content_encoding", "identity"))
     slots = await service.bulk.slots(count, encoding, bool(body.get("accelerate", False)))
     return web.json_response([slot.as_json() for slot in slots])
@@ -72,13 +70,24 @@ async def _store_form(request: web.Request, bulk: SelfBulkData) -> web.Response:
         if not isinstance(part, BodyPartReader):
             raise BadRequest("nested multipart bodies are not supported")
         if part.filename is None:
-            fields[part.name or ""] = (await part.read(decode=False)).decode()
+            fields[part.name or ""] = await _field(part)
             continue
         encoding = parse_encoding(fields.get("content-encoding", "identity"))
         bulk.signer.verify(bulk.upload_scope(request.path, encoding), fields.get("expires"), fields.get("sig"))
         size = await bulk.store(request.match_info["name"], encoding, _part_chunks(part), True)
         return web.json_response({"size": size}, status=201)
     raise BadRequest("the form has no file part")
+
+
+async def _field(part: BodyPartReader) -> str:
+    """A form field's text; fields are short (names, signatures), so a long one is refused
+    before it is held in memory."""
+    text = b""
+    while chunk := await part.read_chunk(_MAX_FIELD):
+        text += chunk
+        if len(text) > _MAX_FIELD:
+            raise BadRequest(f"form field {(part.name or '')[:40]!r} is longer than {_MAX_FIELD} bytes")
+    return text.decode()
 
 
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:

@@ -3,13 +3,11 @@ request and answers; proxy.jobs records and runs the jobs."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from aiohttp import web
 
 from proxy.errors import BadRequest
 from proxy.jobs import Wanted
+from proxy.server.bodies import read_json_object
 from proxy.server.keys import SERVICE
 
 _ACTIONS: dict[str, Wanted] = {"pause": "pause", "resume": "run", "cancel": "cancel"}
@@ -20,7 +18,8 @@ async def create_job(request: web.Request) -> web.Response:
     400 for a spec that cannot run, 403 for a location outside ``jobs.allow``."""
     service = request.app[SERVICE]
     service.access.check_admin(request.headers.get("Authorization"))
-    job = await service.jobs.create(await _json(request))
+    body = await read_json_object(request, '{"kind": "export", ...}')
+    job = await service.jobs.create(body)
     return web.json_response(job, status=202, headers={"Location": f"/jobs/{job['id']}"})
 
 
@@ -43,19 +42,14 @@ async def change_job(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.access.check_admin(request.headers.get("Authorization"))
     wanted = _ACTIONS[request.match_info["action"]]
-    targets = None
+    targets: list[str] | None = None
     if request.can_read_body:
-        body = await _json(request)
-        if not isinstance(body, dict) or set(body) - {"targets"}:
+        body = await read_json_object(request, '{"targets": ["s3://bucket/prefix/"]}')
+        if set(body) - {"targets"}:
             raise BadRequest('want no body, or {"targets": ["s3://bucket/prefix/", ...]} to resume only those')
-        targets = body.get("targets")
-        if not isinstance(targets, list) or not all(isinstance(target, str) for target in targets):
+        listed = body.get("targets")
+        if not isinstance(listed, list) or not all(isinstance(target, str) for target in listed):
             raise BadRequest("targets: want a list of this job's targets")
+        targets = [str(target) for target in listed]
     return web.json_response(await service.jobs.want(request.match_info["id"], wanted, targets), status=202)
 
-
-async def _json(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON object") from None

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.errors import ProxyError
+from proxy.server.accesslog import printable
+from proxy.server.departures import CLIENT_CLOSED, client_left
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,6 +36,15 @@ def problem(status: int, type_: str, title: str, detail: str, headers: dict[str,
 async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except asyncio.CancelledError as error:
+        if not client_left(request, error):
+            raise  # a shutdown, not a departure
+        # aiohttp cancels a handler whose client went away. Answer for the logs and metrics
+        # (the access log gets its line when the send fails); the task itself goes on to end.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return web.Response(status=CLIENT_CLOSED)
     except ProxyError as error:
         return problem(error.status, error.type, error.title, error.detail, error.headers)
     except web.HTTPException as error:
@@ -39,6 +53,17 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         headers = {k: v for k, v in error.headers.items() if k.lower() in ("allow", "retry-after")}
         type_ = _HTTP_TYPES.get(error.status, "http-error")
         return problem(error.status, type_, error.reason, error.text or error.reason, headers)
-    except Exception:
-        log.exception("unexpected error handling %s %s", request.method, request.path)
+    except (HttpProcessingError, RequestPayloadError) as error:
+        # The body could not be read as sent: a broken Content-Encoding (gzip, br, deflate),
+        # bad chunking. aiohttp decodes while it parses, so this surfaces at the first read.
+        cause = error.__cause__ or error
+        response = problem(400, "bad-request", "Bad request", f"the body could not be read: {type(cause).__name__}")
+        response.force_close()  # the rest of the body cannot be parsed: this connection is done
+        request.content.feed_eof()  # and nothing more will be read (aiohttp would try, and log a traceback)
+        return response
+    except Exception as error:
+        if client_left(request, error):
+            log.info("client left during %s %s", request.method, printable(request.path))
+            return web.Response(status=CLIENT_CLOSED)  # nobody will read it; logs and metrics will
+        log.exception("unexpected error handling %s %s", request.method, printable(request.path))
         return problem(500, "internal", "Internal error", "the error was logged")

@@ -10,9 +10,11 @@ from typing import BinaryIO
 from aiohttp import web
 
 from proxy.errors import CorruptBlob, RangeNotSatisfiable
+from proxy.numbers import decimal
+from proxy.server.departures import client_left
 from proxy.tier import FileBlob, retrieve
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -25,19 +27,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     match = _RANGE.fullmatch(header.strip())
     if not match or match.group(1) == match.group(2) == "":
         return None
-    first, last = match.group(1), match.group(2)
-    if first == "":  # bytes=-n: the last n bytes
-        count = int(last)
-        if count == 0:
-            raise RangeNotSatisfiable(f"range {header!r} is empty", headers={"Content-Range": f"bytes */{size}"})
-        return max(0, size - count), size
-    start = int(first)
-    end = size if last == "" else min(size, int(last) + 1)
-    if start >= size or (last != "" and int(last) < start):
+    # Numbers too long to be an offset make the header malformed, and so ignored, like others.
+    first, last = decimal(match.group(1) or "0"), decimal(match.group(2) or str(size))
+    if first is None or last is None:
+        return None
+    if match.group(1) == "":  # bytes=-n: the last n bytes
+        if last == 0:
+            raise RangeNotSatisfiable("the range is empty", headers={"Content-Range": f"bytes */{size}"})
+        return max(0, size - last), size
+    if first >= size or last < first:
         raise RangeNotSatisfiable(
-            f"range {header!r} is outside the blob's {size} bytes", headers={"Content-Range": f"bytes */{size}"}
+            f"the range starts past the blob's {size} bytes or ends before it starts",
+            headers={"Content-Range": f"bytes */{size}"},
         )
-    return start, end
+    return first, min(size, last + 1)
 
 
 def etag_matches(header: str | None, etag: str, *, weak: bool = True) -> bool:
@@ -90,6 +93,10 @@ class SendfileResponse(web.StreamResponse):
                     transport.abort()
                     raise ConnectionResetError(str(error)) from error
             await super().write_eof()
+        except ConnectionError as error:
+            if not isinstance(error.__cause__, CorruptBlob):  # that cut is ours, not the client's
+                client_left(request, error)  # sent after the handler returned: the access log says 499
+            raise
         finally:
             self._file.close()
         return writer  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from proxy.digest import Digest
-from proxy.errors import TierError
+from proxy.errors import ConfigError, TierError
 from proxy.tier import CHUNK_SIZE, Blob, Role, Stat, StreamBlob, Tier
 
 _ABSENT = {404, 410}
@@ -42,6 +42,9 @@ class HttpTier(Tier):
         self.url = url
         self._headers = dict(headers or {})
         if token:
+            if "@" in url.partition("://")[2].partition("/")[0]:
+                # aiohttp refuses to send both, and would refuse on every request: say it once, now
+                raise ConfigError(f"tier {name!r}.token: the url already carries a user:password; use one or the other")
             self._headers["Authorization"] = f"Bearer {token}"
         self._limit = max_connections
         self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
