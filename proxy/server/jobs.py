@@ -52,4 +52,3 @@ async def change_job(request: web.Request) -> web.Response:
             raise BadRequest("targets: want a list of this job's targets")
         targets = [str(target) for target in listed]
     return web.json_response(await service.jobs.want(request.match_info["id"], wanted, targets), status=202)
-
