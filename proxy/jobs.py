@@ -34,8 +34,8 @@ from proxy.errors import BadRequest, Conflict, Forbidden, NotFound
 from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferError, TransferSpec, UsageError
 from proxy.transfer.bucket import tier_for
-from proxy.transfer.engine import checkpoint_path
 from proxy.transfer.locations import Location, parse_location
+from proxy.transfer.wiring import checkpoint_path
 
 log = logging.getLogger(__name__)
 State = Literal["queued", "running", "paused", "done", "failed", "cancelled"]

@@ -25,10 +25,10 @@ from proxy.digest import Digest
 from proxy.service import build_store
 from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferSpec, UsageError, default_into
-from proxy.transfer.engine import checkpoint_path, state_dir
 from proxy.transfer.locations import ByteBudget, parse_location
 from proxy.transfer.progress import ProgressView, status_line, summary_line
 from proxy.transfer.tally import Tally
+from proxy.transfer.wiring import checkpoint_path, state_dir
 from tests.conftest import Bucket, make_blob, write_config
 
 MiB = 1 << 20

@@ -14,7 +14,7 @@ _EXPORTS = {
     "TransferError": "proxy.transfer.spec",
     "TransferSpec": "proxy.transfer.spec",
     "UsageError": "proxy.transfer.spec",
-    "default_into": "proxy.transfer.engine",
+    "default_into": "proxy.transfer.wiring",
 }
 
 
@@ -27,9 +27,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from proxy.transfer.engine import Transfer, default_into
+    from proxy.transfer.engine import Transfer
     from proxy.transfer.spec import TransferError, TransferSpec, UsageError
     from proxy.transfer.tally import Snapshot
+    from proxy.transfer.wiring import default_into
 
 __all__ = [
     "Snapshot",

@@ -122,6 +122,14 @@ class Checkpoint:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path + suffix)
 
+    async def end(self, complete: bool) -> None:
+        """Discard the checkpoint of a complete run with no problems (nothing is left to resume),
+        else keep it for the next run."""
+        if complete:
+            await self.discard()
+        else:
+            await self.close()
+
     # -- recording -----------------------------------------------------------------------
 
     def finish(self, name: str, size: int, state: State) -> None:

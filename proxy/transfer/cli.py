@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``casproxy export`` or ``casproxy import``; the exit status."""
     from proxy.config import load_config
     from proxy.service import build_store  # the one place tiers are built from config
-    from proxy.transfer.engine import default_into, state_dir
     from proxy.transfer.progress import ProgressView
+    from proxy.transfer.wiring import default_into, state_dir
 
     kind = args.command
     try:
