@@ -54,6 +54,7 @@ def build_store(config: Config) -> Composite:
         tiers,
         negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl, clock),
         spool_memory=config.server.spool_memory,
+        max_blob_size=config.server.max_blob_size,
         breaker_threshold=config.breaker.threshold,
         breaker_cooldown=config.breaker.cooldown,
     )

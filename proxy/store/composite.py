@@ -26,7 +26,7 @@ from proxy.store.fills import Fills, InTrustedTier
 from proxy.store.negative import NegativeCache
 from proxy.store.opened import Arriving, Found, Opened
 from proxy.store.stats import TierStats
-from proxy.store.walk import Skipped, Walk
+from proxy.store.walk import CorruptCopies, Skipped, Walk
 from proxy.tier import BytesBlob, Payload, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
@@ -43,12 +43,16 @@ class Composite:
         negative_cache: NegativeCache | None = None,
         spool_dir: str | None = None,
         spool_memory: int = 256 << 20,
+        max_blob_size: int | None = None,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 30.0,
+        corrupt_memory: int = 10_000,
     ) -> None:
         self.negative = negative_cache or NegativeCache()
-        self._walk = Walk(breaker_threshold, breaker_cooldown)
-        self._fills = Fills(self._walk, self.negative, spool_memory)
+        # A corrupt copy is remembered as long as a "found nowhere" is (SPEC 4).
+        corrupt = CorruptCopies(self.negative.ttl, corrupt_memory)
+        self._walk = Walk(breaker_threshold, breaker_cooldown, corrupt)
+        self._fills = Fills(self._walk, self.negative, spool_memory, max_blob_size)
         self._fills.spool_dir = spool_dir
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -193,6 +197,8 @@ class Composite:
         began = self.negative.now()
         errors: list[str] = []
         for tier in self.tiers[len(trusted) :]:
+            if walk.corrupt.remembered(tier.name, digest):
+                continue  # its copy cannot be served: not counted, so a client uploads a good one
             with contextlib.suppress(Skipped):
                 found = await walk.ask(tier, tier.stat(digest), errors)
                 if found is not None:

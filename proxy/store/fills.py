@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 from proxy import metrics
 from proxy.digest import Digest
-from proxy.errors import NotFound, TierError, UpstreamFailed
+from proxy.errors import CorruptBlob, NotFound, TierError, TooLarge, UpstreamFailed
 from proxy.store.fill_locks import FillLocks
 from proxy.store.negative import NegativeCache
-from proxy.store.spool import MemoryBudget, Spool, SpoolFailed
+from proxy.store.pace import paced
+from proxy.store.spool import MemoryBudget, Spool, SpoolFailed, SpoolUnwritable
 from proxy.store.walk import Skipped, Walk
 from proxy.tier import Tier
 
@@ -90,8 +91,9 @@ class Fill:
 class Fills:
     """The fills in flight in this process, by digest."""
 
-    def __init__(self, walk: Walk, negative: NegativeCache, spool_memory: int) -> None:
+    def __init__(self, walk: Walk, negative: NegativeCache, spool_memory: int, max_blob_size: int | None = None) -> None:
         self.walk = walk
+        self.max_blob_size = max_blob_size
         self.negative = negative
         self.spool_dir: str | None = None
         self.locks: FillLocks | None = None
@@ -220,6 +222,9 @@ class Fills:
 
     async def _fetch_from(self, fill: Fill, tier: Tier, errors: list[str]) -> Spool | None:
         """Stream one tier's copy into a new spool; the spool if it verified, else None."""
+        if self.walk.corrupt.remembered(tier.name, fill.digest):
+            errors.append(f"{tier.name}: its copy was found corrupt (remembered for {self.walk.corrupt.ttl:g}s)")
+            return None
         try:
             # A tier that sends headers and then corrupt or cut-off bodies must still trip.
             blob = await self.walk.ask(tier, tier.open(fill.digest), errors, settled=False)
@@ -231,17 +236,31 @@ class Fills:
             return None
         if fill.spool is not None:
             fill.spool.release()
-        spool = Spool(fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, budget=self._budget)
+        spool = Spool(
+            fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, max_size=self.max_blob_size, budget=self._budget
+        )
         fill.spool, fill.tier, fill.expected_size = spool, tier, blob.size
         fill.started.set()
         try:
-            async for chunk in _read_ahead(blob.chunks(), tier.timeout):
+            async for chunk in paced(blob.chunks(), tier.name, tier.timeout, tier.min_rate):
                 await spool.write(chunk)
             if blob.size is not None and spool.received != blob.size:
                 raise TierError(f"{tier.name}: sent {spool.received} of {blob.size} bytes")
             await spool.finish()
-        except (TierError, OSError, TimeoutError) as error:
+        except TooLarge:  # an endless upstream, or a bomb decoded from it
+            grown = TierError(f"{tier.name}: the blob grows past server.max_blob_size ({self.max_blob_size} bytes)")
+            spool.fail(grown)
+            self.walk.failed(tier, grown, errors)
+            return None
+        except SpoolUnwritable as error:  # this machine's fault: never charged to the tier
             spool.fail(error)
+            errors.append(f"{tier.name}: {error}")
+            log.error("could not spool %s from %s: %s", fill.digest, tier.name, error)
+            return None
+        except Exception as error:  # noqa: BLE001 - anything from a tier is that tier failing
+            spool.fail(error)
+            if isinstance(error, CorruptBlob):
+                self.walk.corrupt.add(tier.name, fill.digest)
             self.walk.failed(tier, error, errors)
             return None
         except BaseException as error:
@@ -268,22 +287,3 @@ class Fills:
             else:
                 self.walk.meters[tier.name].cache_write(ok=True)
 
-
-async def _read_ahead(chunks: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
-    """Fetch the next chunk while the caller hashes and stores this one. Each chunk must come
-    within ``idle`` seconds: a stalled upstream costs at most that."""
-    source = aiter(chunks)
-
-    async def next_chunk() -> bytes | None:
-        async with asyncio.timeout(idle):
-            return await anext(source, None)
-
-    pending = asyncio.ensure_future(next_chunk())
-    try:
-        while (chunk := await pending) is not None:
-            pending = asyncio.ensure_future(next_chunk())
-            yield chunk
-    finally:
-        pending.cancel()
-        with contextlib.suppress(BaseException):
-            await pending

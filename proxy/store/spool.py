@@ -45,6 +45,11 @@ class MemoryBudget:
         self.used -= size
 
 
+class SpoolUnwritable(Exception):
+    """The spool's filesystem refused the bytes (full, read-only, gone): a failure of this
+    machine, never of the tier the bytes came from."""
+
+
 class SpoolFailed(Exception):
     """The bytes being spooled turned out bad or stopped coming; readers must abort."""
 
@@ -129,10 +134,12 @@ class Spool:
         loop = asyncio.get_running_loop()
         # hashlib and os.write both release the GIL: hash and write the block at the same time,
         # in two threads, so verification costs max(hash, write) instead of their sum.
-        await asyncio.gather(
-            loop.run_in_executor(None, self._hasher.update, block),
-            loop.run_in_executor(None, self._write_to_file, block),
-        )
+        hashed = loop.run_in_executor(None, self._hasher.update, block)
+        try:
+            await asyncio.gather(hashed, loop.run_in_executor(None, self._write_to_file, block))
+        except OSError as error:
+            await asyncio.gather(hashed, return_exceptions=True)  # the hasher must be idle
+            raise SpoolUnwritable(f"cannot spool to {self._directory or 'the temp folder'}: {error}") from error
         if self._memory is not None:
             self._memory = None  # switched here, on the loop, so readers never see it half-done
             self._unreserve()

@@ -93,7 +93,12 @@ class HttpTier(Tier):
                 raise _failed(self.name, error) from error
 
         async def close() -> None:
-            response.release()
+            # A body left unread (a trickle below min_rate, a copy found bad) drops its
+            # connection at once; one read to its end goes back to the pool.
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
 
         return StreamBlob(chunks(), size, close)
 

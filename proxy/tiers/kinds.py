@@ -144,8 +144,11 @@ def build_tier(config: TierConfig) -> Tier:
         from proxy.tiers.api import ApiTier, load_origin
 
         origin = load_origin(config.origin_class, dict(config.origin_options or {}))
-        return ApiTier(origin, name=config.name, role=config.role, timeout=config.timeout)
-    arguments = {
-        key.name: getattr(config, key.name) for key in dataclasses.fields(config) if key.name not in STORE_KEYS
-    }
-    return cls(**arguments)
+        tier: Tier = ApiTier(origin, name=config.name, role=config.role, timeout=config.timeout)
+    else:
+        arguments = {
+            key.name: getattr(config, key.name) for key in dataclasses.fields(config) if key.name not in STORE_KEYS
+        }
+        tier = cls(**arguments)
+    tier.min_rate = config.min_rate
+    return tier
