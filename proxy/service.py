@@ -52,11 +52,14 @@ def build_store(config: Config) -> Composite:
     clock = UploadClock(os.path.join(states[0], "uploads.clock")) if states else None
     return Composite(
         tiers,
-        negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl, clock),
+        negative_cache=NegativeCache(
+            config.negative_cache.url, config.negative_cache.ttl, clock, config.negative_cache.max_entries
+        ),
         spool_memory=config.server.spool_memory,
         max_blob_size=config.server.max_blob_size,
         breaker_threshold=config.breaker.threshold,
         breaker_cooldown=config.breaker.cooldown,
+        corrupt_memory=config.negative_cache.max_entries,
     )
 
 

@@ -91,7 +91,9 @@ class Fill:
 class Fills:
     """The fills in flight in this process, by digest."""
 
-    def __init__(self, walk: Walk, negative: NegativeCache, spool_memory: int, max_blob_size: int | None = None) -> None:
+    def __init__(
+        self, walk: Walk, negative: NegativeCache, spool_memory: int, max_blob_size: int | None = None
+    ) -> None:
         self.walk = walk
         self.max_blob_size = max_blob_size
         self.negative = negative
@@ -222,9 +224,6 @@ class Fills:
 
     async def _fetch_from(self, fill: Fill, tier: Tier, errors: list[str]) -> Spool | None:
         """Stream one tier's copy into a new spool; the spool if it verified, else None."""
-        if self.walk.corrupt.remembered(tier.name, fill.digest):
-            errors.append(f"{tier.name}: its copy was found corrupt (remembered for {self.walk.corrupt.ttl:g}s)")
-            return None
         try:
             # A tier that sends headers and then corrupt or cut-off bodies must still trip.
             blob = await self.walk.ask(tier, tier.open(fill.digest), errors, settled=False)
@@ -236,9 +235,7 @@ class Fills:
             return None
         if fill.spool is not None:
             fill.spool.release()
-        spool = Spool(
-            fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, max_size=self.max_blob_size, budget=self._budget
-        )
+        spool = Spool(fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, max_size=self.max_blob_size, budget=self._budget)
         fill.spool, fill.tier, fill.expected_size = spool, tier, blob.size
         fill.started.set()
         try:
@@ -286,4 +283,3 @@ class Fills:
                 log.warning("could not cache %s in %s: %r", digest, tier.name, error)
             else:
                 self.walk.meters[tier.name].cache_write(ok=True)
-

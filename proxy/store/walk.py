@@ -32,7 +32,8 @@ class Skipped(Exception):
 
 class CorruptCopies:
     """Copies found corrupt, by tier and digest, remembered for ``ttl`` seconds like a negative
-    entry: HEAD and /missing stop counting them, and fills skip them. At most ``limit`` are
+    entry: HEAD and /missing stop counting them (a GET still asks: the copy may be repaired, and
+    the answer names why it failed). At most ``limit`` are
     kept (the oldest forgotten first), so a tier that lies about everything costs bounded memory."""
 
     def __init__(self, ttl: float = 30.0, limit: int = 10_000) -> None:
@@ -110,7 +111,7 @@ class Walk:
         try:
             async with asyncio.timeout(tier.timeout):
                 answer = await call
-        except Exception as error:  # noqa: BLE001 - anything a tier raises is that tier failing
+        except Exception as error:  # anything a tier raises is that tier failing
             self.failed(tier, error, errors)
             raise Skipped from error
         if settled:

@@ -221,8 +221,9 @@ class _Body:
 
 
 def _read_chunk(body: Any) -> bytes:
-    """Up to CHUNK_SIZE bytes, but back within about a second once some have come: a slow
-    object's bytes count towards its min_rate as they arrive, not once a whole chunk is in.
+    """Up to CHUNK_SIZE bytes, but back within a fraction of a second once some have come: a
+    slow object's bytes count towards its min_rate as they arrive, not once a whole chunk is in,
+    and its thread is handed back often, so a trickle cannot keep other reads waiting for long.
     (urllib3's read1 returns after at most one recv; b"" at the end.)"""
     raw = body._raw_stream
     parts: list[bytes] = []
@@ -241,7 +242,7 @@ def _quietly(close: Any) -> None:
         close()
 
 
-_READ_SLICE = 1.0  # seconds a read gathers bytes before handing them on
+_READ_SLICE = 0.25  # seconds a read gathers bytes before handing them on
 
 
 class _Missing(Exception):
