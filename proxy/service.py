@@ -22,6 +22,9 @@ if typing.TYPE_CHECKING:
     from proxy.jobs import Jobs
 
 
+STOP_GRACE = 5.0  # seconds fills in flight get to finish when the server stops
+
+
 @dataclass
 class Service:
     config: Config
@@ -37,6 +40,11 @@ class Service:
         await self.store.start()
         await self.queue.start()
         await self.jobs.start()
+
+    async def stopping(self, grace: float = STOP_GRACE) -> None:
+        """The server stops taking requests: fills get ``grace`` seconds, so the requests that
+        wait on them end and a stuck one cannot hold the stop."""
+        await self.store.settle(grace)
 
     async def close(self) -> None:
         await self.jobs.close()

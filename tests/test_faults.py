@@ -5,7 +5,10 @@ released. Real parts: moto behind a small fault proxy, aiohttp upstreams, fs fol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import os
+import sys
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,9 +22,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.digest import Digest
 from proxy.server.keys import STORE
 from proxy.store import pace
+from proxy.store.negative import NegativeCache
+from proxy.store.walk import CorruptCopies
 from proxy.tiers.api import APIOrigin
-from tests.conftest import Bucket, ProxyFactory, Upstream, make_blob, spool_files
-from tests.processes import wait_until
+from tests.conftest import Bucket, ProxyFactory, Upstream, free_port, make_blob, spool_files, write_config
+from tests.processes import ProxyProcess, wait_until
 
 Client = TestClient[web.Request, web.Application]
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
@@ -103,6 +108,7 @@ class FaultProxy:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.trickled: set[str] = set()  # keys
+        self.trickling = 0  # trickles under way
         self.abandoned = 0  # trickles whose reader went away
         self.app = web.Application()
         self.app.router.add_route("*", "/{path:.*}", self.forward)
@@ -122,6 +128,7 @@ class FaultProxy:
             response = web.StreamResponse(status=upstream.status, headers=passed)
             response.content_length = len(data)
             await response.prepare(request)
+            self.trickling += 1
             try:
                 await trickle(response, data)
             except (ConnectionError, asyncio.CancelledError):
@@ -278,3 +285,91 @@ async def test_a_fill_growing_past_max_blob_size_is_abandoned_and_charged_to_its
     assert tier_stats(client)["up"]["errors"] == 1
     await client.app[STORE].wait_idle()
     assert spool_files(tmp_path / "cache") == []
+
+
+async def test_a_server_with_a_stuck_fill_stops_on_sigterm_within_seconds(
+    bucket: Bucket, fault_proxy: tuple[FaultProxy, str], tmp_path: Path
+) -> None:
+    faults, endpoint = fault_proxy
+    data, digest = make_blob(100_000)
+    bucket.put(digest, data)
+    faults.trickled.add(digest)
+    port = free_port()
+    s3 = {**bucket.tier("s3"), "endpoint_url": endpoint, "min_rate": "1 B"}  # a trickle it waits on
+    config = write_config(tmp_path / "config.toml", [disk(tmp_path), s3], server={"port": port})
+    proxy = ProxyProcess(config, port, tmp_path / "proxy.log")
+    proxy.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await proxy.wait_healthy(session, 30)
+            reading = asyncio.ensure_future(session.get(f"{proxy.url}/sha1/{digest}"))
+            await wait_until(lambda: faults.trickling > 0, 30, "the fill to be trickled")
+            assert proxy.process is not None
+            proxy.process.terminate()
+            began = asyncio.get_running_loop().time()
+            await asyncio.to_thread(proxy.process.wait, 20)
+            assert asyncio.get_running_loop().time() - began < 8, proxy.log.read_text()
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+    finally:
+        proxy.stop()
+
+
+# -- 7. orphans ----------------------------------------------------------------------------------
+
+_WRITER = """
+import asyncio, sys
+from proxy.digest import Digest
+from proxy.tier import FilePayload
+from proxy.tiers.fs import FsTier
+
+# The payload is a FIFO nobody writes to: the put blocks with its temp file open, until killed.
+asyncio.run(FsTier(sys.argv[1]).put(Digest("0" * 40), FilePayload(sys.argv[2], 1 << 20)))
+"""
+
+
+async def test_temp_files_of_a_writer_killed_mid_put_are_gone_after_the_next_start(tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    fifo = tmp_path / "body"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    writer = await asyncio.create_subprocess_exec(sys.executable, "-c", _WRITER, str(blobs), str(fifo), env=env)
+    try:
+        await wait_until(lambda: any(blobs.iterdir()), 30, "the writer's temp file")
+    finally:
+        writer.kill()
+        await writer.wait()
+    [orphan] = list(blobs.iterdir())
+    assert orphan.name.startswith(f".casproxy-tmp-{writer.pid}-")
+    alive = blobs / f".casproxy-tmp-{os.getpid()}-abc"  # a live writer's (this process): kept
+    alive.write_bytes(b"in progress")
+
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", [folder("local", blobs)], server={"port": port})
+    proxy = ProxyProcess(config, port, tmp_path / "proxy.log")
+    proxy.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await proxy.wait_healthy(session, 30)
+    finally:
+        proxy.stop()
+    assert list(blobs.iterdir()) == [alive]
+
+
+# -- 12. memory bounds -----------------------------------------------------------------------------
+
+
+async def test_the_negative_cache_and_the_corrupt_copies_keep_at_most_their_limit() -> None:
+    negative = NegativeCache("memory://", ttl=60, max_entries=100)
+    digests = [make_blob(8, seed=n)[1] for n in range(250)]
+    for digest in digests:
+        await negative.add(digest)
+    assert [await negative.contains(d) for d in digests[-100:]] == [True] * 100
+    assert not await negative.contains(digests[0])  # the oldest were forgotten
+    corrupt = CorruptCopies(ttl=60, limit=100)
+    for digest in digests:
+        corrupt.add("tier", Digest(digest))
+    assert len(corrupt) == 100
+    assert corrupt.remembered("tier", Digest(digests[-1])) and not corrupt.remembered("tier", Digest(digests[0]))

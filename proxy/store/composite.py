@@ -131,6 +131,11 @@ class Composite:
         """Wait until every fill in flight has finished writing the caches."""
         await self._fills.wait_idle()
 
+    async def settle(self, grace: float) -> None:
+        """Let the fills in flight finish for up to ``grace`` seconds, then abandon the rest:
+        their requests fail, and what they held (threads, connections) is released."""
+        await self._fills.settle(grace)
+
     async def close(self) -> None:
         await self._fills.close()
         for tier in self.tiers:

@@ -158,10 +158,18 @@ class Fills:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def close(self) -> None:
+    async def settle(self, grace: float) -> None:
+        """Let the fills in flight finish for up to ``grace`` seconds, then cancel the rest (a
+        stopping server must not wait on a tier that trickles)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.wait_idle()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.settle(0)
         if self.locks is not None:
             self.locks.close()
 
