@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 import gzip
 import os
+import subprocess
 import sys
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,73 @@ async def test_the_negative_cache_and_the_corrupt_copies_keep_at_most_their_limi
         corrupt.add("tier", Digest(digest))
     assert len(corrupt) == 100
     assert corrupt.remembered("tier", Digest(digests[-1])) and not corrupt.remembered("tier", Digest(digests[0]))
+
+
+# -- 3, 6. a full disk -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs: a cache disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_cache_disk_serves_a_large_blob_uncached_and_never_charges_the_source(
+    make_proxy: ProxyFactory, small_disk: Path, tmp_path: Path
+) -> None:
+    big, big_digest = make_blob(24 << 20)
+    small, small_digest = make_blob(1000)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / big_digest).write_bytes(big)
+    (tmp_path / "local" / small_digest).write_bytes(small)
+    cache = {"name": "disk", "kind": "disk", "role": "cache", "path": str(small_disk / "cache")}
+    client = await start(make_proxy, [cache, folder("local", tmp_path / "local")], breaker={"threshold": 1})
+
+    for _ in range(2):
+        response = await client.get(f"/sha1/{big_digest}")
+        assert response.status == 200
+        assert await response.read() == big
+    response = await client.get(f"/sha1/{small_digest}")
+    assert (response.status, await response.read()) == (200, small)
+    await client.app[STORE].wait_idle()
+    stats = tier_stats(client)
+    assert (stats["local"]["errors"], stats["local"]["breaker"]) == (0, "closed")
+    assert spool_files(small_disk / "cache") == []
+
+
+async def test_a_full_cache_disk_refuses_uploads_with_507_and_still_deletes(
+    make_proxy: ProxyFactory, small_disk: Path, tmp_path: Path
+) -> None:
+    cache = {"name": "disk", "kind": "disk", "role": "cache", "path": str(small_disk / "cache")}
+    uploads = {"name": "uploads", "kind": "fs", "path": str(small_disk / "uploads")}
+    client = await make_proxy([cache, uploads], uploads={"targets": ["uploads"]}, auth={"admin_tokens": ["admin"]})
+    cached, cached_digest = make_blob(1 << 20)
+    assert (await client.put(f"/sha1/{cached_digest}", data=cached)).status == 201
+    assert (await client.get(f"/sha1/{cached_digest}")).status == 200
+    await client.app[STORE].wait_idle()
+    assert tier_stats(client)["disk"]["entries"] == 1
+    for _ in range(40):  # fill the disk with blobs that fit in memory on the way
+        data, digest = make_blob(1 << 20)
+        response = await client.put(f"/sha1/{digest}", data=data)
+        if response.status != 201:
+            break
+    assert response.status == 507
+    problem = await response.json(content_type=None)
+    assert (response.content_type, problem["type"]) == ("application/problem+json", "insufficient-storage")
+    big, big_digest = make_blob(20 << 20)  # spooled to a file on the way: the spool is full too
+    response = await client.put(f"/sha1/{big_digest}", data=big)
+    assert response.status == 507
+    # Space can be freed through the API.
+    response = await client.delete(f"/sha1/{cached_digest}", headers={"Authorization": "Bearer admin"})
+    assert response.status == 204, await response.text()
+    assert tier_stats(client)["disk"]["entries"] == 0
