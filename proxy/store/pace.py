@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from proxy.errors import TierError
 
@@ -23,7 +23,7 @@ class TooSlow(TierError):
     """The tier went quiet for longer than its timeout, or sent too few bytes over a window."""
 
 
-async def paced(chunks: AsyncIterator[bytes], name: str, idle: float, min_rate: float) -> AsyncIterator[bytes]:
+async def paced(chunks: AsyncIterator[bytes], name: str, idle: float, min_rate: float) -> AsyncGenerator[bytes, None]:
     """``chunks`` as they come; raises TooSlow when the tier falls behind. Closing this
     generator cancels the read in flight (the tier's ``close`` then releases its connection)."""
     loop = asyncio.get_running_loop()
