@@ -166,7 +166,7 @@ class Tier(ABC):
 
     name: str
     role: Role = "source"
-    timeout: float = 30.0  # seconds for an answer, and for a body's first byte
+    timeout: float = 10.0  # seconds for an answer, and for each next byte of a body
     min_rate: float = 64 << 10  # bytes/s a body must keep up (see proxy.store.pace); 0: no floor
     trusted: bool = False  # holds only bytes it verified itself, so hits skip re-hashing
     can_store: ClassVar[bool] = False  # put() works: it can be an upload target or a cache

@@ -35,7 +35,7 @@ class FsTier(Tier):
         role: Role = "source",
         layout: Layout = "flat",
         encoding: Encoding = "identity",
-        timeout: float = 30.0,
+        timeout: float = 10.0,
         threads: int = 8,
     ) -> None:
         self.name = name

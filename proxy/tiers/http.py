@@ -32,7 +32,7 @@ class HttpTier(Tier):
         max_connections: int = 64,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
-        timeout: float = 60.0,
+        timeout: float = 10.0,
     ) -> None:
         if "{hash}" not in url:
             raise ValueError(f"url {url!r} has no {{hash}} placeholder")

@@ -49,7 +49,7 @@ class S3Tier(Tier):
         max_connections: int = 32,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
-        timeout: float = 60.0,
+        timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.role = role

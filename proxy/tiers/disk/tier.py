@@ -55,7 +55,7 @@ class DiskTier(Tier):
         memory_item_limit: SizeArg = "256 KiB",
         file_threshold: SizeArg = "32 KiB",
         threads: int = 8,
-        timeout: float = 30.0,
+        timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.role = role
