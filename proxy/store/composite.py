@@ -16,18 +16,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from proxy.digest import Digest
-from proxy.errors import ConfigError, NotFound
+from proxy.errors import ConfigError, CorruptBlob, NotFound
 from proxy.store.breaker import Breaker
 from proxy.store.fills import Fills, InTrustedTier
 from proxy.store.negative import NegativeCache
 from proxy.store.opened import Arriving, Found, Opened
-from proxy.store.stats import TierStats
+from proxy.store.stats import TierMeter, TierStats
 from proxy.store.walk import CorruptCopies, Skipped, Walk
-from proxy.tier import BytesBlob, Payload, Stat, Tier
+from proxy.tier import BytesBlob, FileBlob, Payload, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,8 @@ class Composite:
                 continue
             if blob is not None:
                 walk.meters[tier.name].hit(blob.size or 0)
+                if isinstance(blob, FileBlob) and blob.check is not None:
+                    blob.check = _counting(blob.check, walk.meters[tier.name])
                 return Found(digest, tier.name, tier.role == "cache", blob)
             walk.meters[tier.name].miss()
         return None
@@ -284,3 +286,20 @@ class Composite:
             "negative_cache": {"url": self.negative.url, "hits": self.negative.hits},
             "time": time.time(),
         }
+
+
+def _counting(check: Callable[[], asyncio.Future[None]], meter: TierMeter) -> Callable[[], asyncio.Future[None]]:
+    """A trusted file's check (run while it is sent) that counts a mismatch against its tier: the
+    send began as a hit, so nothing else above sees it fail."""
+
+    def counted() -> asyncio.Future[None]:
+        checked = check()
+
+        def count(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and isinstance(future.exception(), CorruptBlob):
+                meter.corrupt()
+
+        checked.add_done_callback(count)
+        return checked
+
+    return counted
