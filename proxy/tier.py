@@ -126,6 +126,11 @@ class Payload(Protocol):
     def data(self) -> bytes | None: ...
     @property
     def path(self) -> str | None: ...
+    @property
+    def checksum(self) -> str | None:
+        """The xxh3-64 of the file's bytes if already computed (the disk cache's entry checksum)."""
+        ...
+
     def open(self) -> BinaryIO | None: ...
 
 
@@ -136,6 +141,7 @@ class FilePayload:
     path: str
     size: int
     data: None = None
+    checksum: None = None
 
     def open(self) -> BinaryIO:
         return open(self.path, "rb")
