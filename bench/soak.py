@@ -86,10 +86,13 @@ def workers_of(supervisor: int) -> list[psutil.Process]:
     return sorted((p for p in children if "resource_tracker" not in " ".join(p.cmdline())), key=lambda p: p.pid)
 
 
-async def soak(minutes: float, concurrency: int, workdir: Path) -> None:
+async def soak(minutes: float, concurrency: int, hot_cache: str | None, workdir: Path) -> None:
     source = workdir / "blobs"
     source.mkdir()
-    tiers = [disk_tier(workdir / "cache"), fs_tier(source)]
+    cache = disk_tier(workdir / "cache")
+    if hot_cache is not None:
+        cache["memory_limit"] = hot_cache
+    tiers = [cache, fs_tier(source)]
     config = workdir / "soak.toml"
     port = free_port()
     config.write_text(casproxy_config(port, tiers, ["local"]).replace("[server]\n", "[server]\nworkers = 2\n", 1))
@@ -118,14 +121,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=8, help="client loops")
+    parser.add_argument(
+        "--hot-cache", default=None, help="the disk tier's memory_limit, e.g. '8 MiB' (default: its default)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder, removed after")
     args = parser.parse_args()
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        asyncio.run(soak(args.minutes, args.concurrency, args.workdir))
+        asyncio.run(soak(args.minutes, args.concurrency, args.hot_cache, args.workdir))
         return
     with tempfile.TemporaryDirectory(prefix="casproxy-soak-", dir=os.environ.get("TMPDIR")) as folder:
-        asyncio.run(soak(args.minutes, args.concurrency, Path(folder)))
+        asyncio.run(soak(args.minutes, args.concurrency, args.hot_cache, Path(folder)))
 
 
 if __name__ == "__main__":
