@@ -33,8 +33,8 @@ class Skipped(Exception):
 class CorruptCopies:
     """Copies found corrupt, by tier and digest, remembered for ``ttl`` seconds like a negative
     entry: HEAD and /missing stop counting them (a GET still asks: the copy may be repaired, and
-    the answer names why it failed). At most ``limit`` are
-    kept (the oldest forgotten first), so a tier that lies about everything costs bounded memory."""
+    the answer names why it failed). At most ``limit`` are kept (the oldest forgotten first), so
+    a tier that lies about everything costs bounded memory."""
 
     def __init__(self, ttl: float = 30.0, limit: int = 10_000) -> None:
         self.ttl = ttl
