@@ -80,6 +80,13 @@ class Load:
             await self.one(session)
 
 
+def _cells(worker: psutil.Process) -> str:
+    memory = worker.memory_info()
+    # SQLite maps its database: those pages count in RSS but are the OS's file cache.
+    anon = memory.rss - memory.shared
+    return f"{memory.rss / MiB:>9.1f} {anon / MiB:>6.1f} {worker.num_fds():>4}"
+
+
 def workers_of(supervisor: int) -> list[psutil.Process]:
     """The worker processes (not multiprocessing's resource tracker, also a child)."""
     children = psutil.Process(supervisor).children()
@@ -105,14 +112,15 @@ async def soak(minutes: float, concurrency: int, hot_cache: str | None, workdir:
             await load.seed(session)
             began = time.monotonic()
             log(f"soak: {minutes:g} min, {concurrency} clients, workers {[p.pid for p in workers_of(server.pid)]}")
-            log(f"{'min':>4} {'req/s':>7}  " + "  ".join(f"{'rss MiB w' + str(i):>12} {'fds':>4}" for i in (0, 1)))
+            titles = [f"{'rss w' + str(i):>9} {'anon':>6} {'fds':>4}" for i in (0, 1)]
+            log(f"{'min':>4} {'req/s':>7}  " + "  ".join(titles) + "   (MiB; anon: rss less file-backed pages)")
             done = 0
             for minute in range(1, int(minutes) + 1):
                 until = began + minute * 60
                 await asyncio.gather(*(load.loop(session, until) for _ in range(concurrency)))
                 rate = (load.requests - done) / 60
                 done = load.requests
-                cells = [f"{w.memory_info().rss / MiB:>12.1f} {w.num_fds():>4}" for w in workers_of(server.pid)]
+                cells = [_cells(worker) for worker in workers_of(server.pid)]
                 log(f"{minute:>4} {rate:>7.0f}  " + "  ".join(cells))
             log(f"statuses: {dict(sorted(load.statuses.items()))}")
 

@@ -105,9 +105,15 @@ class BoundedMemory:
         return await self.get(key) is not None
 
     async def set(self, key: str, value: str, ttl: float) -> None:
+        now = time.monotonic()
         self._entries.pop(key, None)
-        self._entries[key] = (time.monotonic() + ttl, value)
-        while len(self._entries) > self.limit:
+        self._entries[key] = (now + ttl, value)
+        # Oldest first: drop the expired (one TTL for all, so they lead) and any over the limit,
+        # so what is held is about TTL x the rate of misses, not the limit.
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if first[0] > now and len(self._entries) <= self.limit:
+                break
             self._entries.popitem(last=False)
 
     async def delete(self, key: str) -> None:

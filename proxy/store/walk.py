@@ -44,10 +44,10 @@ class CorruptCopies:
     def add(self, tier: str, digest: Digest) -> None:
         if self.ttl <= 0 or self.limit <= 0:
             return
-        key = (tier, digest)
+        key, now = (tier, digest), time.monotonic()
         self._until.pop(key, None)
-        self._until[key] = time.monotonic() + self.ttl
-        while len(self._until) > self.limit:
+        self._until[key] = now + self.ttl
+        while len(self._until) > self.limit or next(iter(self._until.values())) <= now:  # oldest first
             self._until.popitem(last=False)
 
     def remembered(self, tier: str, digest: Digest) -> bool:
