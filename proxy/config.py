@@ -66,6 +66,7 @@ class AuthConfig:
 class NegativeCacheConfig:
     ttl: Duration = setting(30.0, 'how long "found nowhere" is remembered (0: off)')
     url: str = setting("memory://", 'or "redis://host:6379/0" to share it between instances (aiocache)')
+    max_entries: int = setting(100_000, "entries a memory:// cache keeps at most; as many corrupt copies remembered")
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,8 @@ def _validate(config: Config) -> None:
         fail("server.workers", "must be at least 1")
     if config.breaker.threshold < 1:
         fail("breaker.threshold", "must be at least 1")
+    if config.negative_cache.max_entries < 1:
+        fail("negative_cache.max_entries", "must be at least 1")
     if config.auth.ticket_secret and len(config.auth.ticket_secret.encode()) < MIN_SECRET_BYTES:
         fail("auth.ticket_secret", f"shorter than {MIN_SECRET_BYTES} bytes (or leave it empty to have one generated)")
     for key in ("upload_tokens", "admin_tokens"):

@@ -77,6 +77,14 @@ class RangeNotSatisfiable(ProxyError):
     title = "Range not satisfiable"
 
 
+class InsufficientStorage(ProxyError):
+    """This machine's storage (cache, spool or queue filesystem) cannot take the bytes now."""
+
+    status = 507
+    type = "insufficient-storage"
+    title = "Insufficient storage"
+
+
 class UpstreamFailed(ProxyError):
     """No tier had the blob and at least one tier failed: the answer may change, so retry."""
 

@@ -22,6 +22,9 @@ if typing.TYPE_CHECKING:
     from proxy.jobs import Jobs
 
 
+STOP_GRACE = 5.0  # seconds fills in flight get to finish when the server stops
+
+
 @dataclass
 class Service:
     config: Config
@@ -38,6 +41,11 @@ class Service:
         await self.queue.start()
         await self.jobs.start()
 
+    async def stopping(self, grace: float = STOP_GRACE) -> None:
+        """The server stops taking requests: fills get ``grace`` seconds, so the requests that
+        wait on them end and a stuck one cannot hold the stop."""
+        await self.store.settle(grace)
+
     async def close(self) -> None:
         await self.jobs.close()
         await self.queue.close()
@@ -52,10 +60,14 @@ def build_store(config: Config) -> Composite:
     clock = UploadClock(os.path.join(states[0], "uploads.clock")) if states else None
     return Composite(
         tiers,
-        negative_cache=NegativeCache(config.negative_cache.url, config.negative_cache.ttl, clock),
+        negative_cache=NegativeCache(
+            config.negative_cache.url, config.negative_cache.ttl, clock, config.negative_cache.max_entries
+        ),
         spool_memory=config.server.spool_memory,
+        max_blob_size=config.server.max_blob_size,
         breaker_threshold=config.breaker.threshold,
         breaker_cooldown=config.breaker.cooldown,
+        corrupt_memory=config.negative_cache.max_entries,
     )
 
 

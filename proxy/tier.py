@@ -126,6 +126,11 @@ class Payload(Protocol):
     def data(self) -> bytes | None: ...
     @property
     def path(self) -> str | None: ...
+    @property
+    def checksum(self) -> str | None:
+        """The xxh3-64 of the file's bytes if already computed (the disk cache's entry checksum)."""
+        ...
+
     def open(self) -> BinaryIO | None: ...
 
 
@@ -136,6 +141,7 @@ class FilePayload:
     path: str
     size: int
     data: None = None
+    checksum: None = None
 
     def open(self) -> BinaryIO:
         return open(self.path, "rb")
@@ -166,7 +172,8 @@ class Tier(ABC):
 
     name: str
     role: Role = "source"
-    timeout: float = 30.0
+    timeout: float = 10.0  # seconds for an answer, and for each next byte of a body
+    min_rate: float = 64 << 10  # bytes/s a body must keep up (see proxy.store.pace); 0: no floor
     trusted: bool = False  # holds only bytes it verified itself, so hits skip re-hashing
     can_store: ClassVar[bool] = False  # put() works: it can be an upload target or a cache
     # A private local folder the tier owns, where the store may keep its spool and its

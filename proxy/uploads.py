@@ -3,16 +3,22 @@ first upload target before the answer, and queued durably for the other targets.
 
 from __future__ import annotations
 
+import errno
+import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy import metrics
 from proxy.digest import Algorithm, Digest
-from proxy.errors import CorruptBlob, DigestMismatch, Forbidden, TierError, UpstreamFailed
+from proxy.errors import CorruptBlob, DigestMismatch, Forbidden, InsufficientStorage, TierError, UpstreamFailed
 from proxy.replication import ReplicationQueue
 from proxy.store.composite import Composite
-from proxy.store.spool import Spool
+from proxy.store.spool import Spool, SpoolUnwritable
 from proxy.tier import Tier
+
+log = logging.getLogger(__name__)
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Uploader:
                 raise DigestMismatch(str(error)) from None
             assert spool.digest is not None
             return await self._store(spool.digest, spool)
+        except SpoolUnwritable as error:
+            raise InsufficientStorage(f"the upload cannot be received here now: {error}") from None
         finally:
             spool.release()
 
@@ -64,8 +72,26 @@ class Uploader:
             created = await first.stat(digest) is None
             await self.store.put(digest, spool, [first] if created else [])  # also forgets "absent"
         except (TierError, OSError) as error:
+            if _out_of_space(error):
+                raise InsufficientStorage(f"could not store {digest} in {first.name}: {error}") from error
             raise UpstreamFailed(f"could not store {digest} in {first.name}: {error}") from error
         if rest and self.queue is not None:
-            await self.queue.enqueue(digest, spool, [tier.name for tier in rest])
+            try:
+                await self.queue.enqueue(digest, spool, [tier.name for tier in rest])
+            except Exception as error:  # noqa: BLE001 - the blob is stored: the upload succeeded
+                metrics.UPLOADS.labels("unqueued").inc()
+                names = ", ".join(tier.name for tier in rest)
+                log.error("%s is stored in %s but could not be queued for %s: %r", digest, first.name, names, error)
         metrics.UPLOADS.labels("stored" if created else "existed").inc()
         return Stored(digest, spool.size, created)
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """Whether a write failed for want of space (the OSError may be a TierError's cause)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+            return True
+        if isinstance(error, sqlite3.OperationalError) and "full" in str(error):
+            return True
+        error = error.__cause__
+    return False

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from proxy import Composite, DiskTier
+from proxy.server.keys import STORE
 from tests.conftest import ProxyFactory, free_port, make_blob, write_config
 from tests.processes import REPO, ProxyProcess
 from tests.test_library import DictAPI
@@ -157,6 +158,7 @@ async def test_a_flipped_byte_in_a_file_sent_by_sendfile_cuts_the_connection(
     with pytest.raises(aiohttp.ClientError):  # never a complete body of wrong bytes
         await get()
     assert corrupt_count("disk") == before + 1
+    assert client.app[STORE].snapshot()["tiers"]["disk"]["corrupt"] == 1  # in /stats too
     cached, body = await get()  # evicted: fetched from the source again, correct
     assert (cached, body) == ("MISS", data)
 

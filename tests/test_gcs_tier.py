@@ -184,6 +184,7 @@ class Bytes:
         self.data: bytes | None = data
         self.size = len(data)
         self.path: str | None = None
+        self.checksum: str | None = None
 
     def open(self) -> None:
         return None

@@ -23,6 +23,7 @@ from proxy.tier import Blob, BytesBlob, Payload, Stat, Tier
 class BytesPayload:
     data: bytes
     path: None = None
+    checksum: None = None
 
     @property
     def size(self) -> int:

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+import xxhash
 
+from proxy import DiskTier
 from proxy.errors import CorruptBlob
 from proxy.store.spool import HASH_INLINE_MAX, MemoryBudget, Spool, SpoolFailed
 from proxy.tier import BytesBlob, FileBlob
@@ -95,3 +97,31 @@ async def test_wrong_bytes_fail_the_spool_and_its_readers() -> None:
     with pytest.raises(RuntimeError):
         spool.blob()
     spool.release()
+
+
+async def test_a_spilled_spool_carries_the_disk_checksum_of_its_file(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    spool = Spool(digest_of(data), str(tmp_path), memory_limit=1 << 20)  # spills past 1 MiB
+    for offset in range(0, len(data), 100_000):
+        await spool.write(data[offset : offset + 100_000])
+    await spool.finish()
+    assert spool.path is not None
+    assert spool.checksum == xxhash.xxh3_64_hexdigest(data) == xxhash.xxh3_64_hexdigest(Path(spool.path).read_bytes())
+    spool.release()
+
+
+async def test_the_disk_cache_commits_a_spooled_file_under_the_spools_checksum(tmp_path: Path) -> None:
+    data = os.urandom(2 << 20)
+    disk = DiskTier(str(tmp_path / "cache"), memory_item_limit=0)
+    await disk.start()
+    try:
+        spool = Spool(digest_of(data), disk.spool_dir, memory_limit=0)  # as fills spool
+        await spool.write(data)
+        await spool.finish()
+        await disk.put(digest_of(data), spool)
+        spool.release()
+        blob = await disk.open(digest_of(data))
+        assert blob is not None
+        assert await blob.read() == data  # read back through its checksum check
+    finally:
+        await disk.close()

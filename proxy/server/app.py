@@ -62,6 +62,11 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     app.cleanup_ctx.append(lifetime)
     if config.auth.require_ticket:
         app.on_response_prepare.append(blobs.keep_private)
+
+    async def stopping(app: web.Application) -> None:  # before aiohttp waits for the handlers
+        await service.stopping()
+
+    app.on_shutdown.append(stopping)
     router = app.router
     for algorithm in ALGORITHMS:
         # A literal first segment per algorithm keeps these routes in aiohttp's prefix index:

@@ -26,6 +26,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"})
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts every request by route template (never the raw path: one series per hash would
@@ -53,6 +56,9 @@ _TIMERS: dict[tuple[str, str], Histogram] = {}
 
 def count_request(route: str, method: str, status: int, seconds: float) -> None:
     """One answered request in casproxy_http_requests and its duration histogram."""
+    # Any token is a method to aiohttp: others are counted as one, or a client could grow the
+    # series (and these dicts) without bound.
+    method = method if method in _METHODS else "OTHER"
     counter = _COUNTERS.get((route, method, status))
     if counter is None:
         counter = _COUNTERS[route, method, status] = metrics.REQUESTS.labels(route, method, str(status))

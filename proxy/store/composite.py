@@ -16,18 +16,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from proxy.digest import Digest
-from proxy.errors import ConfigError, NotFound
+from proxy.errors import ConfigError, CorruptBlob, NotFound
 from proxy.store.breaker import Breaker
 from proxy.store.fills import Fills, InTrustedTier
 from proxy.store.negative import NegativeCache
 from proxy.store.opened import Arriving, Found, Opened
-from proxy.store.stats import TierStats
-from proxy.store.walk import Skipped, Walk
-from proxy.tier import BytesBlob, Payload, Stat, Tier
+from proxy.store.stats import TierMeter, TierStats
+from proxy.store.walk import CorruptCopies, Skipped, Walk
+from proxy.tier import BytesBlob, FileBlob, Payload, Stat, Tier
 from proxy.tiers.api import APIOrigin, ApiTier
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,16 @@ class Composite:
         negative_cache: NegativeCache | None = None,
         spool_dir: str | None = None,
         spool_memory: int = 256 << 20,
+        max_blob_size: int | None = None,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 30.0,
+        corrupt_memory: int = 10_000,
     ) -> None:
         self.negative = negative_cache or NegativeCache()
-        self._walk = Walk(breaker_threshold, breaker_cooldown)
-        self._fills = Fills(self._walk, self.negative, spool_memory)
+        # A corrupt copy is remembered as long as a "found nowhere" is (SPEC 4).
+        corrupt = CorruptCopies(self.negative.ttl, corrupt_memory)
+        self._walk = Walk(breaker_threshold, breaker_cooldown, corrupt)
+        self._fills = Fills(self._walk, self.negative, spool_memory, max_blob_size)
         self._fills.spool_dir = spool_dir
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -127,6 +131,11 @@ class Composite:
         """Wait until every fill in flight has finished writing the caches."""
         await self._fills.wait_idle()
 
+    async def settle(self, grace: float) -> None:
+        """Let the fills in flight finish for up to ``grace`` seconds, then abandon the rest:
+        their requests fail, and what they held (threads, connections) is released."""
+        await self._fills.settle(grace)
+
     async def close(self) -> None:
         await self._fills.close()
         for tier in self.tiers:
@@ -193,6 +202,8 @@ class Composite:
         began = self.negative.now()
         errors: list[str] = []
         for tier in self.tiers[len(trusted) :]:
+            if walk.corrupt.remembered(tier.name, digest):
+                continue  # its copy cannot be served: not counted, so a client uploads a good one
             with contextlib.suppress(Skipped):
                 found = await walk.ask(tier, tier.stat(digest), errors)
                 if found is not None:
@@ -232,6 +243,8 @@ class Composite:
                 continue
             if blob is not None:
                 walk.meters[tier.name].hit(blob.size or 0)
+                if isinstance(blob, FileBlob) and blob.check is not None:
+                    blob.check = _counting(blob.check, walk.meters[tier.name])
                 return Found(digest, tier.name, tier.role == "cache", blob)
             walk.meters[tier.name].miss()
         return None
@@ -273,3 +286,20 @@ class Composite:
             "negative_cache": {"url": self.negative.url, "hits": self.negative.hits},
             "time": time.time(),
         }
+
+
+def _counting(check: Callable[[], asyncio.Future[None]], meter: TierMeter) -> Callable[[], asyncio.Future[None]]:
+    """A trusted file's check (run while it is sent) that counts a mismatch against its tier: the
+    send began as a hit, so nothing else above sees it fail."""
+
+    def counted() -> asyncio.Future[None]:
+        checked = check()
+
+        def count(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and isinstance(future.exception(), CorruptBlob):
+                meter.corrupt()
+
+        checked.add_done_callback(count)
+        return checked
+
+    return counted

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from proxy import metrics
+from proxy.blocking import run
 from proxy.digest import Digest
-from proxy.errors import NotFound, TierError, UpstreamFailed
+from proxy.errors import CorruptBlob, InsufficientStorage, NotFound, TierError, TooLarge, UpstreamFailed
 from proxy.store.fill_locks import FillLocks
 from proxy.store.negative import NegativeCache
-from proxy.store.spool import MemoryBudget, Spool, SpoolFailed
+from proxy.store.pace import paced
+from proxy.store.spool import HASH_INLINE_MAX, MemoryBudget, Spool, SpoolFailed, SpoolUnwritable
 from proxy.store.walk import Skipped, Walk
 from proxy.tier import Tier
 
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 SPOOL_MEMORY_ITEM = 16 << 20  # a larger blob is spooled to a file even when memory is free
 SPOOL_DIR = "spool"  # in the state folder: temp files next to the cache, so a commit is a hard link
 FILL_LOCKS = "fills.lock"  # in the state folder: see proxy.store.fill_locks
+
+
+class Uncacheable(InsufficientStorage):
+    """A tier has the blob but this machine cannot spool it: its readers get it passed through."""
 
 
 class InTrustedTier(Exception):
@@ -42,6 +49,7 @@ class Fill:
 
     digest: Digest
     cache: bool  # write the copy into the cache tiers (any request that joins may ask for it)
+    walk: Walk
     spool: Spool | None = None  # the copy now arriving (replaced if it fails to verify)
     tier: Tier | None = None
     expected_size: int | None = None
@@ -78,11 +86,18 @@ class Fill:
         spool = self.spool
         assert spool is not None, "follow() is for attached requests, which keep the spool"
         spool.acquire()
+        offset = start
         try:
             async for chunk in spool.chunks(start, end):
+                offset += len(chunk)
                 yield chunk
         except SpoolFailed as error:
-            raise UpstreamFailed(f"{self.tier.name if self.tier else '?'}: {error}") from error
+            if not isinstance(error.__cause__, SpoolUnwritable) or self.tier is None:
+                raise UpstreamFailed(f"{self.tier.name if self.tier else '?'}: {error}") from error
+            # This machine could not keep the copy (its disk is full): the rest comes straight
+            # from the tier, verified, uncached (SPEC 4).
+            async for chunk in pass_through(self.walk, self.tier, self.digest, offset, end):
+                yield chunk
         finally:
             spool.release()
 
@@ -90,8 +105,11 @@ class Fill:
 class Fills:
     """The fills in flight in this process, by digest."""
 
-    def __init__(self, walk: Walk, negative: NegativeCache, spool_memory: int) -> None:
+    def __init__(
+        self, walk: Walk, negative: NegativeCache, spool_memory: int, max_blob_size: int | None = None
+    ) -> None:
         self.walk = walk
+        self.max_blob_size = max_blob_size
         self.negative = negative
         self.spool_dir: str | None = None
         self.locks: FillLocks | None = None
@@ -154,15 +172,23 @@ class Fills:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def close(self) -> None:
+    async def settle(self, grace: float) -> None:
+        """Let the fills in flight finish for up to ``grace`` seconds, then cancel the rest (a
+        stopping server must not wait on a tier that trickles)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.wait_idle()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.settle(0)
         if self.locks is not None:
             self.locks.close()
 
     def _start(self, digest: Digest, cache: bool) -> Fill:
-        fill = Fill(digest, cache)
+        fill = Fill(digest, cache, self.walk)
         self._fills[digest] = fill
         # The fill is its own task: a client that disconnects does not cancel it.
         task = asyncio.get_running_loop().create_task(self._run(fill), name=f"fill-{digest}")
@@ -231,17 +257,29 @@ class Fills:
             return None
         if fill.spool is not None:
             fill.spool.release()
-        spool = Spool(fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, budget=self._budget)
+        spool = Spool(fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, max_size=self.max_blob_size, budget=self._budget)
         fill.spool, fill.tier, fill.expected_size = spool, tier, blob.size
         fill.started.set()
         try:
-            async for chunk in _read_ahead(blob.chunks(), tier.timeout):
+            async for chunk in paced(blob.chunks(), tier.name, tier.timeout, tier.min_rate):
                 await spool.write(chunk)
             if blob.size is not None and spool.received != blob.size:
                 raise TierError(f"{tier.name}: sent {spool.received} of {blob.size} bytes")
             await spool.finish()
-        except (TierError, OSError, TimeoutError) as error:
+        except TooLarge:  # an endless upstream, or a bomb decoded from it
+            grown = TierError(f"{tier.name}: the blob grows past server.max_blob_size ({self.max_blob_size} bytes)")
+            spool.fail(grown)
+            self.walk.failed(tier, grown, errors)
+            return None
+        except SpoolUnwritable as error:  # this machine's fault: never charged to the tier
             spool.fail(error)
+            log.error("could not spool %s from %s, serving it uncached: %s", fill.digest, tier.name, error)
+            # Every later tier would meet the same full disk: the walk ends here.
+            raise Uncacheable(f"{fill.digest} cannot be kept here now ({error})") from error
+        except Exception as error:  # noqa: BLE001 - anything from a tier is that tier failing
+            spool.fail(error)
+            if isinstance(error, CorruptBlob):
+                self.walk.corrupt.add(tier.name, fill.digest)
             self.walk.failed(tier, error, errors)
             return None
         except BaseException as error:
@@ -269,21 +307,39 @@ class Fills:
                 self.walk.meters[tier.name].cache_write(ok=True)
 
 
-async def _read_ahead(chunks: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
-    """Fetch the next chunk while the caller hashes and stores this one. Each chunk must come
-    within ``idle`` seconds: a stalled upstream costs at most that."""
-    source = aiter(chunks)
-
-    async def next_chunk() -> bytes | None:
-        async with asyncio.timeout(idle):
-            return await anext(source, None)
-
-    pending = asyncio.ensure_future(next_chunk())
+async def pass_through(walk: Walk, tier: Tier, digest: Digest, start: int, end: int | None) -> AsyncIterator[bytes]:
+    """Bytes [start, end) of ``tier``'s copy, read again from its beginning and hashed whole,
+    kept nowhere: for one reader when this machine cannot keep the copy. The last byte is held
+    back until the copy verifies; a tier failing here is charged to that tier."""
     try:
-        while (chunk := await pending) is not None:
-            pending = asyncio.ensure_future(next_chunk())
-            yield chunk
+        blob = await walk.ask(tier, tier.open(digest), settled=False)
+    except Skipped as error:
+        raise UpstreamFailed(f"{tier.name}: failed while passing {digest} through") from error
+    if blob is None:
+        raise UpstreamFailed(f"{tier.name}: no longer has {digest}")
+    hasher = hashlib.new(digest.algorithm)
+    offset, held = 0, b""
+    try:
+        async for chunk in paced(blob.chunks(), tier.name, tier.timeout, tier.min_rate):
+            if len(chunk) >= HASH_INLINE_MAX:
+                await run(hasher.update, chunk)
+            else:
+                hasher.update(chunk)
+            lo, hi = max(start - offset, 0), len(chunk) if end is None else min(end - offset, len(chunk))
+            offset += len(chunk)
+            if lo < hi:
+                out = held + chunk[lo:hi]
+                held, out = out[-1:], out[:-1]
+                if out:
+                    yield out
+        if hasher.hexdigest() != digest:
+            raise CorruptBlob(f"{tier.name}: bytes hash to {hasher.hexdigest()}, not {digest}")
+    except Exception as error:
+        walk.failed(tier, error)
+        raise UpstreamFailed(f"{tier.name}: {error}") from error
     finally:
-        pending.cancel()
-        with contextlib.suppress(BaseException):
-            await pending
+        with contextlib.suppress(Exception):
+            await blob.close()
+    walk.succeeded(tier)
+    if held:
+        yield held

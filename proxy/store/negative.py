@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -82,8 +83,53 @@ class UploadClock:
             self._fd = None
 
 
+class BoundedMemory:
+    """The memory:// backend: entries that expire after their TTL, at most ``limit`` of them (the
+    oldest forgotten first), so a flood of lookups for digests that exist nowhere cannot grow
+    the process without bound. Speaks the part of aiocache's interface the cache uses."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()  # key -> (expires, value)
+
+    async def get(self, key: str) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    async def exists(self, key: str) -> bool:
+        return await self.get(key) is not None
+
+    async def set(self, key: str, value: str, ttl: float) -> None:
+        now = time.monotonic()
+        self._entries.pop(key, None)
+        self._entries[key] = (now + ttl, value)
+        # Oldest first: drop the expired (one TTL for all, so they lead) and any over the limit,
+        # so what is held is about TTL x the rate of misses, not the limit.
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if first[0] > now and len(self._entries) <= self.limit:
+                break
+            self._entries.popitem(last=False)
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class NegativeCache:
-    def __init__(self, url: str = "memory://", ttl: float = 30.0, clock: UploadClock | None = None) -> None:
+    def __init__(
+        self, url: str = "memory://", ttl: float = 30.0, clock: UploadClock | None = None, max_entries: int = 100_000
+    ) -> None:
         self.url = _without_password(url)  # shown in /stats and logs
         # Always a float: aiocache then sets Redis keys with PSETEX; an int picks SETEX, which
         # redis-py (5+) reports as deprecated on every call.
@@ -97,7 +143,9 @@ class NegativeCache:
         self._resender: asyncio.Task[None] | None = None
         self.clock = clock if urlparse(url).scheme == "memory" else None  # Redis is shared already
         self._cache: Any = None
-        if self.ttl > 0:
+        if self.ttl > 0 and not self.shared:
+            self._cache = BoundedMemory(max_entries)
+        elif self.ttl > 0:
             try:
                 self._cache = Cache.from_url(url)
             except Exception as error:  # noqa: BLE001 - aiocache raises several kinds for a bad URL

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
+import xxhash
+
 from proxy.blocking import run
 from proxy.digest import Algorithm, Digest
 from proxy.errors import CorruptBlob, TooLarge
@@ -43,6 +45,11 @@ class MemoryBudget:
 
     def give(self, size: int) -> None:
         self.used -= size
+
+
+class SpoolUnwritable(Exception):
+    """The spool's filesystem refused the bytes (full, read-only, gone): a failure of this
+    machine, never of the tier the bytes came from."""
 
 
 class SpoolFailed(Exception):
@@ -75,6 +82,10 @@ class Spool:
         self._reserved = 0  # bytes of the budget this spool holds
         self._max_size = max_size
         self._hasher = hashlib.new(digest.algorithm if digest else algorithm)
+        # The disk cache's checksum of the same bytes (SPEC 4), so committing a spooled file does
+        # not read it again: xxh3 costs a few percent of the digest's time.
+        self._fast = xxhash.xxh3_64()
+        self.checksum: str | None = None  # of the verified bytes, when they went to a file
         self._memory: bytearray | None = bytearray()
         self._frozen: bytes | None = None  # the verified bytes, when they stayed in memory
         self._pending = bytearray()  # received, not yet hashed and written to the file
@@ -117,10 +128,9 @@ class Spool:
     async def _hash_unhashed(self) -> None:
         chunks, self._unhashed, size, self._unhashed_size = self._unhashed, [], self._unhashed_size, 0
         if size < HASH_INLINE_MAX:
-            for chunk in chunks:  # a small blob's last bytes: cheaper than the hop to a thread
-                self._hasher.update(chunk)
+            _update_all(self._hasher, self._fast, chunks)  # cheaper than the hop to a thread
         else:
-            await run(_update_all, self._hasher, chunks)
+            await run(_update_all, self._hasher, self._fast, chunks)
 
     async def _flush(self, block: bytes | bytearray | None = None) -> None:
         await self._hash_unhashed()  # the bytes kept in memory so far come first
@@ -129,10 +139,12 @@ class Spool:
         loop = asyncio.get_running_loop()
         # hashlib and os.write both release the GIL: hash and write the block at the same time,
         # in two threads, so verification costs max(hash, write) instead of their sum.
-        await asyncio.gather(
-            loop.run_in_executor(None, self._hasher.update, block),
-            loop.run_in_executor(None, self._write_to_file, block),
-        )
+        hashed = loop.run_in_executor(None, _update_all, self._hasher, self._fast, [block])
+        try:
+            await asyncio.gather(hashed, loop.run_in_executor(None, self._write_to_file, block))
+        except OSError as error:
+            await asyncio.gather(hashed, return_exceptions=True)  # the hasher must be idle
+            raise SpoolUnwritable(f"cannot spool to {self._directory or 'the temp folder'}: {error}") from error
         if self._memory is not None:
             self._memory = None  # switched here, on the loop, so readers never see it half-done
             self._unreserve()
@@ -159,6 +171,8 @@ class Spool:
             self.fail(error)
             raise error
         self.digest = actual
+        if self.path is not None:
+            self.checksum = self._fast.hexdigest()
         if self._memory is not None:
             # Freeze once: consumers (responses, cache commits) share these bytes, no copies.
             self._frozen, self._memory = bytes(self._memory), bytearray()
@@ -265,9 +279,10 @@ class Spool:
                 await self._changed.wait()
 
 
-def _update_all(hasher: hashlib._Hash, chunks: list[bytes]) -> None:
+def _update_all(hasher: hashlib._Hash, fast: xxhash.xxh3_64, chunks: list[bytes] | list[bytes | bytearray]) -> None:
     for chunk in chunks:
         hasher.update(chunk)
+        fast.update(chunk)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

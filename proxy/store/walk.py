@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import TypeVar
 
 from proxy import metrics
+from proxy.digest import Digest
 from proxy.errors import CorruptBlob, TierError
 from proxy.store.breaker import Breaker
 from proxy.store.stats import TierMeter
@@ -27,11 +30,50 @@ class Skipped(Exception):
     """A tier call failed or was skipped by its breaker; the walk goes on."""
 
 
+class CorruptCopies:
+    """Copies found corrupt, by tier and digest, remembered for ``ttl`` seconds like a negative
+    entry: HEAD and /missing stop counting them (a GET still asks: the copy may be repaired, and
+    the answer names why it failed). At most ``limit`` are kept (the oldest forgotten first), so
+    a tier that lies about everything costs bounded memory."""
+
+    def __init__(self, ttl: float = 30.0, limit: int = 10_000) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._until: OrderedDict[tuple[str, Digest], float] = OrderedDict()
+
+    def add(self, tier: str, digest: Digest) -> None:
+        if self.ttl <= 0 or self.limit <= 0:
+            return
+        key, now = (tier, digest), time.monotonic()
+        self._until.pop(key, None)
+        self._until[key] = now + self.ttl
+        while len(self._until) > self.limit or next(iter(self._until.values())) <= now:  # oldest first
+            self._until.popitem(last=False)
+
+    def remembered(self, tier: str, digest: Digest) -> bool:
+        if not self._until:  # the common case: one dict check
+            return False
+        key = (tier, digest)
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._until[key]
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
 class Walk:
     """The tiers in lookup order, with a breaker and a meter each."""
 
-    def __init__(self, breaker_threshold: int = 5, breaker_cooldown: float = 30.0) -> None:
+    def __init__(
+        self, breaker_threshold: int = 5, breaker_cooldown: float = 30.0, corrupt: CorruptCopies | None = None
+    ) -> None:
         self.tiers: list[Tier] = []
+        self.corrupt = corrupt or CorruptCopies()
         self.breakers: dict[str, Breaker] = {}
         self.meters: dict[str, TierMeter] = {}
         self._breaker = (breaker_threshold, breaker_cooldown)
@@ -69,7 +111,7 @@ class Walk:
         try:
             async with asyncio.timeout(tier.timeout):
                 answer = await call
-        except (TierError, OSError, TimeoutError) as error:
+        except Exception as error:  # anything a tier raises is that tier failing
             self.failed(tier, error, errors)
             raise Skipped from error
         if settled:
@@ -86,6 +128,8 @@ class Walk:
         if error is None:
             return
         text = str(error) or type(error).__name__
+        if not isinstance(error, TierError | OSError):  # a bug in a tier (an api origin's, say)
+            text = f"{type(error).__name__}: {text}"
         if isinstance(error, TimeoutError):
             text = f"no answer within {tier.timeout:g}s"
         if not text.startswith(tier.name):

@@ -40,7 +40,7 @@ class ApiTier(Tier):
     """Adapts an APIOrigin to the tier protocol."""
 
     def __init__(
-        self, origin: APIOrigin, *, name: str | None = None, role: Role = "source", timeout: float = 30.0
+        self, origin: APIOrigin, *, name: str | None = None, role: Role = "source", timeout: float = 10.0
     ) -> None:
         self.origin = origin
         self.name = name or getattr(origin, "name", None) or type(origin).__name__

@@ -18,6 +18,7 @@ from proxy.blocking import run_on
 from proxy.digest import Digest
 from proxy.encoding import Encoding, EncodingReader, Layout, decode_stream, object_key
 from proxy.errors import TierError
+from proxy.liveness import orphans, temp_prefix
 from proxy.tier import CHUNK_SIZE, Blob, FileBlob, Payload, Role, Stat, StreamBlob, Tier
 
 _TEMP_PREFIX = ".casproxy-tmp-"
@@ -34,7 +35,7 @@ class FsTier(Tier):
         role: Role = "source",
         layout: Layout = "flat",
         encoding: Encoding = "identity",
-        timeout: float = 30.0,
+        timeout: float = 10.0,
         threads: int = 8,
     ) -> None:
         self.name = name
@@ -49,7 +50,19 @@ class FsTier(Tier):
         return os.path.join(self.path, object_key("", digest, self.layout))
 
     async def start(self) -> None:
-        await run_on(self._executor, os.makedirs, self.path, exist_ok=True)
+        await run_on(self._executor, self._prepare)
+
+    def _prepare(self) -> None:
+        """Create the folder, and remove temp files of writers killed mid-put (a kill -9 must
+        leave nothing that outlives the next start)."""
+        os.makedirs(self.path, exist_ok=True)
+        folders = [self.path]
+        if self.layout == "sharded":
+            folders += [entry.path for entry in os.scandir(self.path) if entry.is_dir() and len(entry.name) == 2]
+        for folder in folders:
+            for orphan in orphans(folder, _TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(orphan)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False)
@@ -84,7 +97,7 @@ class FsTier(Tier):
     def _put(self, target: str, payload: Payload) -> None:
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
+        fd, temp = tempfile.mkstemp(prefix=temp_prefix(_TEMP_PREFIX), dir=folder)
         try:
             with os.fdopen(fd, "wb") as out:
                 source = payload.open()

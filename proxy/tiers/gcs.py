@@ -59,7 +59,7 @@ class GcsTier(Tier):
         max_connections: int = 32,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
-        timeout: float = 60.0,
+        timeout: float = 10.0,
     ) -> None:
         try:
             from gcloud.aio.storage.storage import init_api_root

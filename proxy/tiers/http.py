@@ -32,7 +32,7 @@ class HttpTier(Tier):
         max_connections: int = 64,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
-        timeout: float = 60.0,
+        timeout: float = 10.0,
     ) -> None:
         if "{hash}" not in url:
             raise ValueError(f"url {url!r} has no {{hash}} placeholder")
@@ -93,7 +93,12 @@ class HttpTier(Tier):
                 raise _failed(self.name, error) from error
 
         async def close() -> None:
-            response.release()
+            # A body left unread (a trickle below min_rate, a copy found bad) drops its
+            # connection at once; one read to its end goes back to the pool.
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
 
         return StreamBlob(chunks(), size, close)
 

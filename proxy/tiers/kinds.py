@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from proxy.tier import Tier
 
 _ROLE = "cache: filled with what later tiers find; source: only read (and written by uploads)"
-_TIMEOUT = "how long one request to this tier may take before it counts as failed"
+_TIMEOUT = "how long the tier may take to answer, and to send each next byte, before it has failed"
 _CONNECT = "how long connecting to the service may take"
 _READ = "how long to wait for more bytes from the service"
 _CONNECTIONS = "requests in flight to the service at once"
@@ -35,7 +35,7 @@ class TierConfig:
     kind: str = required("what the tier is: disk, fs, s3, gcs, http or api")
     role: Role = setting("source", _ROLE)
     enabled: bool = setting(True, "false: the tier is left out, as if it were not written")
-    timeout: Duration = setting(30.0, _TIMEOUT)
+    timeout: Duration = setting(10.0, _TIMEOUT)
     min_rate: Size = setting(64 << 10, "bytes a second below which (over 10 s) a transfer from the tier has failed")
 
     @property
@@ -83,7 +83,6 @@ class S3Config(_Objects):
     max_connections: int = setting(32, _CONNECTIONS + " (also the executor's size)")
     connect_timeout: Duration = setting(5.0, _CONNECT)
     read_timeout: Duration = setting(30.0, _READ)
-    timeout: Duration = setting(60.0, _TIMEOUT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +93,6 @@ class GcsConfig(_Objects):
     max_connections: int = setting(32, _CONNECTIONS)
     connect_timeout: Duration = setting(5.0, _CONNECT)
     read_timeout: Duration = setting(30.0, _READ)
-    timeout: Duration = setting(60.0, _TIMEOUT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +103,6 @@ class HttpConfig(TierConfig):
     max_connections: int = setting(64, _CONNECTIONS)
     connect_timeout: Duration = setting(5.0, _CONNECT)
     read_timeout: Duration = setting(30.0, _READ)
-    timeout: Duration = setting(60.0, _TIMEOUT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,8 +141,11 @@ def build_tier(config: TierConfig) -> Tier:
         from proxy.tiers.api import ApiTier, load_origin
 
         origin = load_origin(config.origin_class, dict(config.origin_options or {}))
-        return ApiTier(origin, name=config.name, role=config.role, timeout=config.timeout)
-    arguments = {
-        key.name: getattr(config, key.name) for key in dataclasses.fields(config) if key.name not in STORE_KEYS
-    }
-    return cls(**arguments)
+        tier: Tier = ApiTier(origin, name=config.name, role=config.role, timeout=config.timeout)
+    else:
+        arguments = {
+            key.name: getattr(config, key.name) for key in dataclasses.fields(config) if key.name not in STORE_KEYS
+        }
+        tier = cls(**arguments)
+    tier.min_rate = config.min_rate
+    return tier

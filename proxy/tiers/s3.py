@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,7 +49,7 @@ class S3Tier(Tier):
         max_connections: int = 32,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
-        timeout: float = 60.0,
+        timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.role = role
@@ -76,6 +78,7 @@ class S3Tier(Tier):
         )
         self._executor = ThreadPoolExecutor(max_connections, thread_name_prefix=f"tier-{name}")
         self._client: Any = None
+        self._bodies: set[_Body] = set()  # being read: released at close, so no thread outlives it
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -95,7 +98,9 @@ class S3Tier(Tier):
         )
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False)
+        for body in list(self._bodies):
+            body.abort()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def client(self) -> Any:
@@ -129,26 +134,11 @@ class S3Tier(Tier):
                 )
         except _Missing:
             return None
-        body = response["Body"]
-        raw = self._read_body(body)
+        body = _Body(response["Body"], self._executor, self._bodies)
         if self.encoding == "identity":
-            return StreamBlob(raw, response.get("ContentLength"), self._closer(body))
+            return StreamBlob(body.chunks(), response.get("ContentLength"), body.close)
         size = response.get("Metadata", {}).get(SIZE_METADATA)
-        return StreamBlob(decode_stream(raw, self.encoding), int(size) if size else None, self._closer(body))
-
-    async def _read_body(self, body: Any) -> AsyncIterator[bytes]:
-        while True:
-            with self._errors():
-                chunk = await run_on(self._executor, body.read, CHUNK_SIZE)
-            if not chunk:
-                return
-            yield chunk
-
-    def _closer(self, body: Any) -> Callable[[], Awaitable[None]]:
-        async def close() -> None:
-            await run_on(self._executor, body.close)
-
-        return close
+        return StreamBlob(decode_stream(body.chunks(), self.encoding), int(size) if size else None, body.close)
 
     async def stat(self, digest: Digest) -> Stat | None:
         try:
@@ -192,6 +182,67 @@ class S3Tier(Tier):
 
     def describe(self) -> dict[str, object]:
         return {"url": self.url, "endpoint_url": self.endpoint_url}
+
+
+class _Body:
+    """An object's body, read in the tier's threads. A body abandoned before its end (a trickle
+    below min_rate, a cancelled fill, the tier closing) is released at once: its socket is shut
+    down, which wakes the thread blocked reading it, so a stuck read never holds a thread (and
+    with it the bucket's pool, or the process's exit)."""
+
+    def __init__(self, body: Any, executor: ThreadPoolExecutor, open_bodies: set[_Body]) -> None:
+        self._body = body
+        self._executor = executor
+        self._open = open_bodies
+        self._done = False
+        open_bodies.add(self)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while chunk := await run_on(self._executor, _read_chunk, self._body):
+            yield chunk
+        self._done = True
+
+    def abort(self) -> None:
+        if not self._done:
+            connection = getattr(self._body._raw_stream, "connection", None)
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # a close alone would not wake its recv
+        self._done = True
+
+    async def close(self) -> None:
+        self.abort()
+        self._open.discard(self)
+        # close() takes the stream's lock, which a reader woken by abort() still holds for a
+        # moment: off the loop, and not waited for (the walk goes on meanwhile).
+        with contextlib.suppress(RuntimeError):  # the tier is closing: its threads are going
+            self._executor.submit(_quietly, self._body.close)
+
+
+def _read_chunk(body: Any) -> bytes:
+    """Up to CHUNK_SIZE bytes, but back within a fraction of a second once some have come: a
+    slow object's bytes count towards its min_rate as they arrive, not once a whole chunk is in,
+    and its thread is handed back often, so a trickle cannot keep other reads waiting for long.
+    (urllib3's read1 returns after at most one recv; b"" at the end.)"""
+    raw = body._raw_stream
+    parts: list[bytes] = []
+    size, began = 0, time.monotonic()
+    while size < CHUNK_SIZE and time.monotonic() - began < _READ_SLICE:
+        part = raw.read1(CHUNK_SIZE - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
+def _quietly(close: Any) -> None:
+    with contextlib.suppress(Exception):
+        close()
+
+
+_READ_SLICE = 0.25  # seconds a read gathers bytes before handing them on
 
 
 class _Missing(Exception):

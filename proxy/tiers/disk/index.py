@@ -18,6 +18,11 @@ import diskcache
 from proxy.liveness import temp_prefix
 
 VALUE_SUFFIX = ".val"  # diskcache's name for the file of a large value
+# SQLite's page cache, per connection: diskcache opens one per thread and handle (2 handles x
+# the tier's threads), each 32 MiB by diskcache's default, which a soak grew into (RSS +12 MiB a
+# minute per worker, bench/soak.py). 1024 pages = 4 MiB each; the OS page cache still holds
+# the database, and hot blobs are served from the hot cache in memory anyway.
+SQLITE_CACHE_PAGES = 1024
 
 
 class _LinkFrom:
@@ -81,11 +86,12 @@ class Index:
             eviction_policy="least-recently-used",
             cull_limit=0,  # evicting is ours (eviction.make_room): diskcache's drops in batches
             statistics=False,
+            sqlite_cache_size=SQLITE_CACHE_PAGES,
         )
         # diskcache's LRU writes access_time in a transaction on every get, so hits would queue
         # on SQLite's write lock. Reads use a second handle whose policy (in memory only) is
         # "none" (a plain SELECT); hits are recorded and their access times written in batches.
-        self._reader = diskcache.Cache(path, disk=RawDisk)
+        self._reader = diskcache.Cache(path, disk=RawDisk, sqlite_cache_size=SQLITE_CACHE_PAGES)
         self._reader.reset("eviction_policy", "none", update=False)
 
     def close(self) -> None:

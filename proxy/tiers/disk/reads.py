@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from proxy import metrics
 from proxy.digest import Digest
 from proxy.errors import CorruptBlob, TierError
 from proxy.tiers.disk import integrity
@@ -83,9 +82,7 @@ class CheckedReads:
         finally:
             os.close(fd)
         if actual != expected:
-            self._evict(digest)
-            # Nobody above sees this failure (the send started as a hit): count it here.
-            metrics.LOOKUPS.labels(self.name, "corrupt").inc()
+            self._evict(digest)  # the store counts it against this tier (Composite._open_trusted)
             raise CorruptBlob(f"{self.name}: {digest}: its bytes on disk changed (checksum mismatch); evicted")
 
     def _adopt(self, digest: Digest, data: bytes | None, file: BinaryIO | None, size: int) -> str:

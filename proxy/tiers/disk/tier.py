@@ -55,7 +55,7 @@ class DiskTier(Tier):
         memory_item_limit: SizeArg = "256 KiB",
         file_threshold: SizeArg = "32 KiB",
         threads: int = 8,
-        timeout: float = 30.0,
+        timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.role = role
@@ -211,11 +211,11 @@ class DiskTier(Tier):
 
     async def put(self, digest: Digest, payload: Payload) -> None:
         try:
-            await run_on(self._executor, self._put, digest, payload.data, payload.path, payload.size)
+            await run_on(self._executor, self._put, digest, payload.data, payload.path, payload.size, payload.checksum)
         except OSError as error:
             raise TierError(f"{self.name}: cannot store {digest}: {error}") from error
 
-    def _put(self, digest: Digest, data: bytes | None, path: str | None, size: int) -> None:
+    def _put(self, digest: Digest, data: bytes | None, path: str | None, size: int, checksum: str | None) -> None:
         generation = self._follow_purges()
         # A spool file is committed by hard link: it is on the filesystem already.
         fits = make_room(
@@ -235,10 +235,9 @@ class DiskTier(Tier):
             self.hot.add(digest, data, generation)
         else:
             assert path is not None
-            with open(path, "rb") as file:
-                # The spool was verified by its digest, not yet by this checksum: one more pass
-                # (page cache) so the checksum is of exactly the bytes linked in.
-                checksum = integrity.file_checksum(file.fileno(), size)
+            if checksum is None:  # a file whose writer did not compute it: one more pass
+                with open(path, "rb") as file:
+                    checksum = integrity.file_checksum(file.fileno(), size)
             self.index.set_file(digest, path, checksum)
         self._refresh_usage()
 
