@@ -24,13 +24,17 @@ from typing import Any
 from proxy.blocking import run
 from proxy.database import Database
 from proxy.digest import Digest
-from proxy.liveness import orphans, temp_prefix
+from proxy.liveness import orphans, temp_prefix, writer_gone
 from proxy.tier import FilePayload, Payload, Tier
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0  # seconds: a target that is down for hours is still tried every 5 minutes
 _TEMP = ".tmp-"  # a copy being written: ".tmp-<pid>-<digest>-<random>", renamed to "<digest>" when queued
-LEASE = 300.0  # seconds a copy in progress is hidden from other workers (a crashed one's comes back)
+LEASE = 300.0  # seconds a copy in progress is hidden from other workers; a dead holder's comes back at start
+# Who holds a lease: the pid and a token of this run of the program (a restarted container's new
+# process often gets the dead one's pid; the token tells them apart). Forked workers share the
+# token but not the pid.
+_RUN = secrets.token_hex(8)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
     digest TEXT NOT NULL,
@@ -39,6 +43,7 @@ CREATE TABLE IF NOT EXISTS pending (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
+    holder TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (digest, target)
 )
 """
@@ -62,7 +67,20 @@ class ReplicationQueue:
     async def start(self) -> None:
         await run(self._prepare_folder)
         await self.database.open()
+        await self.database.run(self._reclaim_leases)
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="replication")
+
+    def _reclaim_leases(self) -> None:
+        """Copies leased by a process that is gone (killed mid-copy) are due again now, not when
+        their lease runs out. A queue written by an earlier version gets the holder column."""
+        with self.database.transaction() as db:
+            if "holder" not in {row[1] for row in db.execute("PRAGMA table_info(pending)")}:
+                db.execute("ALTER TABLE pending ADD COLUMN holder TEXT NOT NULL DEFAULT ''")
+            holders = [row[0] for row in db.execute("SELECT DISTINCT holder FROM pending WHERE holder != ''")]
+            gone = [(time.time(), holder) for holder in holders if _holder_gone(holder)]
+            db.executemany("UPDATE pending SET next_try = ?, holder = '' WHERE holder = ?", gone)
+        if gone:
+            log.info("replication: took back the copies of %d worker(s) that died mid-copy", len(gone))
 
     def _prepare_folder(self) -> None:
         os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
@@ -137,8 +155,8 @@ class ReplicationQueue:
                 (now, self.concurrency),
             ).fetchall()
             db.executemany(
-                "UPDATE pending SET next_try = ? WHERE digest = ? AND target = ?",
-                [(now + LEASE, digest, target) for digest, target, _, _ in rows],
+                "UPDATE pending SET next_try = ?, holder = ? WHERE digest = ? AND target = ?",
+                [(now + LEASE, _holder(), digest, target) for digest, target, _, _ in rows],
             )
             upcoming = db.execute("SELECT MIN(next_try) FROM pending").fetchone()[0]
         self._leased.update((digest, target) for digest, target, _, _ in rows)
@@ -151,7 +169,7 @@ class ReplicationQueue:
             return
         with self.database.transaction() as db:
             db.executemany(
-                "UPDATE pending SET next_try = ? WHERE digest = ? AND target = ?",
+                "UPDATE pending SET next_try = ?, holder = '' WHERE digest = ? AND target = ?",
                 [(time.time(), digest, target) for digest, target in self._leased],
             )
         self._leased.clear()
@@ -188,7 +206,7 @@ class ReplicationQueue:
     def _retry_later(self, digest: str, target: str, delay: float, error: str) -> None:
         with self.database.transaction() as db:
             db.execute(
-                "UPDATE pending SET attempts = attempts + 1, next_try = ?, last_error = ? "
+                "UPDATE pending SET attempts = attempts + 1, next_try = ?, last_error = ?, holder = '' "
                 "WHERE digest = ? AND target = ?",
                 (time.time() + delay, error[:500], digest, target),
             )
@@ -200,3 +218,17 @@ class ReplicationQueue:
             if not left:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.blob_dir, digest))
+
+
+def _holder() -> str:
+    return f"{os.getpid()}:{_RUN}"
+
+
+def _holder_gone(holder: str) -> bool:
+    """True if the process that leased a copy no longer runs (it was killed mid-copy)."""
+    pid, _, _ = holder.partition(":")
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return holder != _holder()  # our pid with an earlier run's token: that run is gone
+    return writer_gone(int(pid))

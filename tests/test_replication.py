@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -182,3 +183,61 @@ async def test_two_workers_sharing_a_queue_never_copy_one_item_twice(queues: Sta
     await until(done, "every blob was copied")
     copies = one.puts + two.puts
     assert sorted(copies) == sorted(digest for _, digest in blobs)  # each exactly once
+
+
+_HOLDER = """
+import asyncio, sys
+from proxy.digest import Digest
+from proxy.replication import ReplicationQueue
+from proxy.tier import Tier
+
+
+class Stuck(Tier):
+    name = "mirror"
+    can_store = True
+
+    async def open(self, digest):
+        return None
+
+    async def put(self, digest, payload):
+        print("copying", flush=True)  # the copy is leased to this process now
+        await asyncio.Event().wait()
+
+
+async def main():
+    queue = ReplicationQueue(sys.argv[1], {"mirror": Stuck()})
+    await queue.start()
+    await queue.enqueue(Digest(sys.argv[2]), _Payload(), ["mirror"])
+    await asyncio.Event().wait()
+
+
+class _Payload:
+    data, path, checksum, size = bytes.fromhex(sys.argv[3]), None, None, len(bytes.fromhex(sys.argv[3]))
+
+    def open(self):
+        return None
+
+
+asyncio.run(main())
+"""
+
+
+async def test_a_copy_leased_by_a_worker_killed_mid_copy_is_taken_back_at_the_next_start(
+    queues: StartQueue, tmp_path: Path
+) -> None:
+    data, digest = blob(5)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, str(tmp_path / "queue"), digest, data.hex(), stdout=asyncio.subprocess.PIPE
+    )
+    assert holder.stdout is not None
+    assert await asyncio.wait_for(holder.stdout.readline(), 60) == b"copying\n"
+    holder.kill()  # kill -9 mid-copy: its lease (LEASE, 300 s) would hide the copy from everyone
+    await holder.wait()
+
+    target = MemoryTier()
+    queue = await queues(target)
+
+    async def delivered() -> bool:
+        return target.blobs.get(digest) == data and (await queue.depth()) == 0
+
+    await until(delivered, "the next start took the dead worker's copy back", deadline=30.0)
