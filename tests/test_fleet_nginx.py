@@ -1,4 +1,4 @@
-"""A regional cache (SPEC 8, deploy/regional/): a real nginx hashing ``$uri`` consistently over
+"""A regional cache (SPEC 8, deploy/regional/): a real nginx running the shipped nginx.conf over
 three casproxy instances that share a Redis and a bucket. Each blob lands on exactly one node's
 disk, and stopping a node moves only that node's share."""
 
@@ -20,43 +20,24 @@ from tests.fleet import Fleet, Origin, running_fleet, serving
 from tests.redis_server import RedisServer
 
 BLOBS = 30
+SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "regional" / "nginx.conf"
 INSTALL_HINT = "nginx is not installed: scripts/test installs it (or apt-get install nginx)"
 
 
 def nginx_config(folder: Path, port: int, fleet: Fleet) -> str:
-    """The directives of deploy/regional/nginx.conf that matter here, on loopback ports."""
-    servers = "\n".join(
-        f"    server {proxy.url.removeprefix('http://')} max_fails=1 fail_timeout=60s;" for proxy in fleet.instances
+    """deploy/regional/nginx.conf as shipped, on loopback: the nodes' and the listen addresses
+    replaced, files kept in ``folder``, and a header naming the node that answered."""
+    text = SHIPPED.read_text()
+    for index, proxy in enumerate(fleet.instances):
+        text = text.replace(f"server casproxy-{index}:8080 ", f"server {proxy.url.removeprefix('http://')} ")
+    assert "casproxy-" not in text.split("upstream casproxy")[1], "a node the test does not run"
+    temp = "".join(
+        f"  {kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
-    return f"""daemon off;
-master_process off;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {folder}/body;
-  proxy_temp_path {folder}/proxy;
-  fastcgi_temp_path {folder}/fastcgi;
-  uwsgi_temp_path {folder}/uwsgi;
-  scgi_temp_path {folder}/scgi;
-  upstream casproxy {{
-    hash $uri consistent;
-{servers}
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://casproxy;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_next_upstream error timeout;
-      add_header X-Upstream $upstream_addr always;
-    }}
-  }}
-}}
-"""
+    text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    text = text.replace("http {\n", "http {\n" + temp, 1)
+    text = text.replace("location / {\n", "location / {\n      add_header X-Upstream $upstream_addr always;\n", 1)
+    return f"daemon off;\nmaster_process off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n{text}"
 
 
 @pytest.fixture
