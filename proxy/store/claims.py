@@ -195,23 +195,27 @@ class Claim:
         if not self.waited:
             self.waited = True
             metrics.COALESCE_WAITS.inc()
-        # Wake when the holder releases, or when its lease would run out (it may have died and
-        # stopped renewing). PTTL -2: released since our SET; -1 (no expiry) is not a claim.
-        wake_in = lease_left / 1000 + 0.01 if lease_left >= 0 else 0.0 if lease_left == -2 else claims.lease
         began = loop.time()
         try:
-            async with asyncio.timeout(min(wake_in, max(0.0, self._deadline - began))):
-                await ended.wait()
-        except TimeoutError:
-            pass
+            # Wake when the holder releases, or when its lease would run out: if it was not
+            # renewed the holder died. PTTL -2: gone; -1 (no expiry) is not a claim of ours.
+            while lease_left != -2 and not ended.is_set() and loop.time() < self._deadline:
+                wake_in = lease_left / 1000 + 0.01 if lease_left >= 0 else claims.lease
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(wake_in, self._deadline - loop.time())):
+                        await ended.wait()
+                if not ended.is_set():
+                    lease_left = int(await claims.call(lambda: client.pttl(self.key)))
+        except Unavailable:
+            return False  # Redis went away: look in the shared tier, then take() fetches alone
         finally:
             claims.done_waiting(self.digest)
             metrics.COALESCE_WAIT_SECONDS.observe(loop.time() - began)
-        if not ended.is_set() and loop.time() >= self._deadline:
-            log.warning("coalesce: %s is still claimed after %gs; fetching it here too", self.digest, claims.wait)
-            metrics.COALESCE_ALONE.labels("wait").inc()
-            return True
-        return False
+        if ended.is_set() or lease_left == -2:
+            return False
+        log.warning("coalesce: %s is still claimed after %gs; fetching it here too", self.digest, claims.wait)
+        metrics.COALESCE_ALONE.labels("wait").inc()
+        return True
 
     def _hold(self) -> None:
         self._claims.done_waiting(self.digest)
