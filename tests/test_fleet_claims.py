@@ -1,5 +1,6 @@
 """proxy.store.claims against a real redis-server: two Claims objects stand for two instances
-(each has its own connections), with a short lease so that a dead holder runs out quickly."""
+(each has its own connections), with a short lease so that a dead holder runs out quickly; and
+two stores (fills) sharing a bucket through them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from proxy.digest import Digest
 from proxy.store.claims import CHANNEL, KEY_PREFIX, Claims
+from proxy.store.composite import Composite
+from proxy.tier import Blob
+from tests.fakes import MemoryTier
 from tests.redis_server import RedisServer
 
 LEASE = 1.0
@@ -103,3 +108,42 @@ async def test_without_redis_every_claim_is_taken_at_once(
         await claim.release()
     assert time.monotonic() - began < 2
     assert claims.describe()["available"] is False
+
+
+class Bucket(MemoryTier):
+    """A cache tier every "instance" reads (the blobs dict is shared); ``stale`` opens miss
+    first, as a read that raced another instance's write would."""
+
+    shared = True
+
+    def __init__(self, blobs: dict[str, bytes], stale: int = 0) -> None:
+        super().__init__("bucket")
+        self.blobs = blobs
+        self.stale = stale
+
+    async def open(self, digest: Digest) -> Blob | None:
+        if self.stale:
+            self.stale -= 1
+            self.calls["open"] += 1
+            return None
+        return await super().open(digest)
+
+
+async def test_a_claim_taken_after_another_fill_ended_looks_in_the_shared_tier_first(
+    instances: Callable[..., Claims],
+) -> None:
+    """An instance missed the bucket just before another's fill put the blob there and released
+    its claim: the claim is free when it asks, but the blob must come from the bucket."""
+    shared: dict[str, bytes] = {}
+    origin = MemoryTier("origin")
+    digest = origin.add(b"fetched once for the fleet" * 100)
+    late = Bucket(shared, stale=1)
+    async with Composite(claims=instances()) as first, Composite(claims=instances()) as second:
+        first.append_cache(Bucket(shared))
+        first.append_source(origin)
+        second.append_cache(late)
+        second.append_source(origin)
+        assert await first.get(digest) == origin.blobs[digest]
+        assert await second.get(digest) == origin.blobs[digest]
+    assert origin.calls["open"] == 1
+    assert late.calls["open"] == 2  # the stale miss, then the look after taking the claim

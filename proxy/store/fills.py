@@ -224,11 +224,19 @@ class Fills:
                     raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
                 sources = next((i for i in range(len(trusted), len(tiers)) if tiers[i].role == "source"), len(tiers))
                 found = await self._fetch_first(fill, range(len(trusted), sources), errors)
-                claim = self._claim(fill, range(len(trusted), sources)) if found is None else None
+                shared = self._shared(range(len(trusted), sources))
+                claim = self._claim(fill, shared) if found is None else None
                 try:
-                    while found is None and claim is not None and not await claim.take():
-                        # Another instance's fill of it ended: it filled the shared tiers, or failed.
-                        found = await self._fetch_first(fill, self._shared(range(len(trusted), sources)), errors)
+                    while found is None and claim is not None:
+                        mine = await claim.take()
+                        if mine and not claim.held:
+                            break  # no claim to be had (Redis unavailable, coalesce.wait spent)
+                        # Holding the claim: a fill that ended between our look and our claim
+                        # may have filled the shared tiers. Not holding it: another instance's
+                        # claim has just ended; it filled them, or failed.
+                        found = await self._fetch_first(fill, shared, errors)
+                        if mine:
+                            break
                         if found is None and await self.remembered_absent(digest):
                             raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
                     if found is None:
@@ -270,10 +278,10 @@ class Fills:
         tiers = self.walk.tiers
         return [i for i in indexes if tiers[i].role == "cache" and tiers[i].shared]
 
-    def _claim(self, fill: Fill, caches: range) -> Claim | None:
+    def _claim(self, fill: Fill, shared: list[int]) -> Claim | None:
         """A fleet claim for a fill about to ask the sources; None if no other instance could
         read its copy (no coalesce.url, no shared cache tier, or a fill that caches nothing)."""
-        if self.claims is None or not fill.cache or not self._shared(caches):
+        if self.claims is None or not fill.cache or not shared:
             return None
         return self.claims.claim(fill.digest)
 
