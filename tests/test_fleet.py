@@ -124,7 +124,7 @@ async def test_without_coalesce_url_each_instance_fetches_for_itself(
     origin.blobs[digest] = data
     async with running_fleet(tmp_path / "fleet", 3, bucket, origin, None) as fleet, aiohttp.ClientSession() as session:
         requests = asyncio.ensure_future(everyone_gets(session, fleet, digest))
-        await wait_until(lambda: origin.count(digest) == 3, 30, "every instance to ask the origin")
+        await wait_until(lambda: origin.count(digest) == 3, 30, f"every instance to ask the origin: {origin.fetches}")
         origin.hold.set()
         assert await asyncio.wait_for(requests, 30) == [(200, digest)] * 3 * PER_INSTANCE
     assert origin.count(digest) == 3
