@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from moto.server import ThreadedMotoServer
 
 from tests.conftest import Bucket, free_port, write_config
 from tests.processes import ProxyProcess
@@ -70,6 +72,21 @@ async def serving(origin: Origin) -> AsyncIterator[Origin]:
         if origin.hold is not None:
             origin.hold.set()  # let a held handler finish, or the server's close waits on it
         await server.close()
+
+
+@contextlib.contextmanager
+def own_moto() -> Iterator[str]:
+    """A moto S3 server for one test module: the fleet's bucket traffic (60 concurrent misses,
+    5 MiB puts) neither waits behind nor disturbs the session's shared one."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        os.environ.setdefault(key, value)  # for boto3 here and in the instances, as conftest's moto
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.conftest import Bucket, make_blob
-from tests.fleet import Fleet, Origin, running_fleet, serving, sha1_of_get
+from tests.fleet import Fleet, Origin, own_moto, running_fleet, serving, sha1_of_get
 from tests.processes import wait_until
 from tests.redis_server import RedisServer
 
 PER_INSTANCE = 20
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """This module's own moto (see tests.fleet.own_moto), in place of the session's."""
+    with own_moto() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -55,14 +62,16 @@ async def everyone_gets(session: aiohttp.ClientSession, fleet: Fleet, digest: st
 
 async def test_a_fleet_asks_the_origin_once_for_a_cold_blob(fleet: Fleet, origin: Origin, bucket: Bucket) -> None:
     async with aiohttp.ClientSession() as session:
-        for claims, size in enumerate([1000, 5 << 20], start=1):
+        for size in [1000, 5 << 20]:
             data, digest = make_blob(size)
             origin.blobs[digest] = data
             answers = await everyone_gets(session, fleet, digest)
             assert answers == [(200, digest)] * 3 * PER_INSTANCE, size
             assert origin.count(digest) == 1, size
             assert bucket.get(digest) == data  # where the other instances read it
-            assert await fleet.metric(session, "casproxy_coalesce_claims_total") == claims
+        # At least one claim per digest; one more for each instance that missed the bucket just
+        # before the holder filled it, claimed after the holder let go, and then found it there.
+        assert await fleet.metric(session, "casproxy_coalesce_claims_total") >= 2
         assert await fleet.metric(session, "casproxy_coalesce_takeovers_total") == 0
 
 
@@ -124,7 +133,7 @@ async def test_without_coalesce_url_each_instance_fetches_for_itself(
     origin.blobs[digest] = data
     async with running_fleet(tmp_path / "fleet", 3, bucket, origin, None) as fleet, aiohttp.ClientSession() as session:
         requests = asyncio.ensure_future(everyone_gets(session, fleet, digest))
-        await wait_until(lambda: origin.count(digest) == 3, 30, f"every instance to ask the origin: {origin.fetches}")
+        await wait_until(lambda: origin.count(digest) == 3, 60, f"every instance to ask the origin: {origin.fetches}")
         origin.hold.set()
         assert await asyncio.wait_for(requests, 30) == [(200, digest)] * 3 * PER_INSTANCE
     assert origin.count(digest) == 3

@@ -42,7 +42,7 @@ def test_compose_runs_the_nodes_nginx_hashes_over(tmp_path: Path) -> None:
         assert "./config.toml:/etc/casproxy/config.toml:ro" in service["volumes"]
         assert set(SECRETS) | {"CASPROXY_ORIGIN_URL"} <= set(service["environment"])
     assert len({compose["services"][node]["volumes"][1] for node in nodes}) == len(nodes), "a cache volume each"
-    environ = {name: "x" for name in SECRETS} | {"S3_ACCESS_KEY_ID": "k", "S3_SECRET_ACCESS_KEY": "s"}
+    environ = dict.fromkeys(SECRETS, "x" * 32) | {"S3_ACCESS_KEY_ID": "k", "S3_SECRET_ACCESS_KEY": "s"}
     environ["CASPROXY_ORIGIN_URL"] = "https://origin.example.com/blobs/{hash}"
     config = load_config(str(REGIONAL / "config.toml"), environ=environ)
     check_regional(config)
@@ -66,7 +66,7 @@ def test_kubernetes_statefulset_names_are_nginx_upstream(tmp_path: Path) -> None
 
     path = tmp_path / "config.toml"
     path.write_text(by_name[("ConfigMap", "casproxy-regional-config")]["data"]["config.toml"])
-    config = load_config(str(path), environ=dict.fromkeys(SECRETS, "x"))
+    config = load_config(str(path), environ=dict.fromkeys(SECRETS, "x" * 32))
     check_regional(config)
     redis_service = config.coalesce.url.removeprefix("redis://").split(":")[0]
     assert ("Service", redis_service) in by_name

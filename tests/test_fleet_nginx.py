@@ -9,14 +9,14 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.conftest import Bucket, free_port, make_blob
-from tests.fleet import Fleet, Origin, running_fleet, serving
+from tests.fleet import Fleet, Origin, own_moto, running_fleet, serving
 from tests.redis_server import RedisServer
 
 BLOBS = 30
@@ -38,6 +38,13 @@ def nginx_config(folder: Path, port: int, fleet: Fleet) -> str:
     text = text.replace("http {\n", "http {\n" + temp, 1)
     text = text.replace("location / {\n", "location / {\n      add_header X-Upstream $upstream_addr always;\n", 1)
     return f"daemon off;\nmaster_process off;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n{text}"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """This module's own moto (see tests.fleet.own_moto), in place of the session's."""
+    with own_moto() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
