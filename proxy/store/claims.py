@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from proxy import metrics
@@ -42,6 +43,9 @@ LEASE = 5.0  # seconds a claim lasts unless renewed: how long a dead holder keep
 _COMMAND_TIMEOUT = 0.5  # seconds: far below an origin fetch, so a sick Redis costs little
 _BACKEND_RETRY = 2.0  # seconds to leave a failed Redis alone before one call tries it again
 _RESUBSCRIBE_AFTER = 1.0  # seconds between attempts to listen again after the channel broke
+# Read once, at import: redis-py otherwise looks its version up in the package metadata (file
+# system calls) for every connection it opens, on the event loop.
+_DRIVER = DriverInfo()
 
 # Compare-and-delete, and tell the waiters, in one step: only the holder's own token releases.
 _RELEASE = """
@@ -75,10 +79,12 @@ class Claims:
         self.held = 0  # claims this process holds now, for /stats
         try:
             self.redis: Any = redis.Redis.from_url(
-                url, socket_timeout=_COMMAND_TIMEOUT, socket_connect_timeout=_COMMAND_TIMEOUT
+                url, socket_timeout=_COMMAND_TIMEOUT, socket_connect_timeout=_COMMAND_TIMEOUT, driver_info=_DRIVER
             )
             # The listener blocks on reads for as long as nothing is released: no read timeout.
-            self._listener_redis: Any = redis.Redis.from_url(url, socket_connect_timeout=_COMMAND_TIMEOUT)
+            self._listener_redis: Any = redis.Redis.from_url(
+                url, socket_connect_timeout=_COMMAND_TIMEOUT, driver_info=_DRIVER
+            )
         except ValueError as error:
             raise ConfigError(f"coalesce.url: cannot use {self.url!r}: {error}") from None
         self.release_script = self.redis.register_script(_RELEASE)
@@ -150,6 +156,8 @@ class Claims:
             except (RedisError, OSError) as error:
                 # Waiters still look again when a lease would run out: slower, never stuck.
                 log.debug("coalesce: listening on %s failed: %r", self.url, error)
+            except Exception:  # a surprise must not end the listening for good
+                log.exception("coalesce: listening on %s failed", self.url)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())
