@@ -177,7 +177,8 @@ class Tier(ABC):
     trusted: bool = False  # holds only bytes it verified itself, so hits skip re-hashing
     can_store: ClassVar[bool] = False  # put() works: it can be an upload target or a cache
     # Other machines read the same copies (a bucket, another casproxy): with coalesce.url, an
-    # instance waits for another's fill and then reads the blob from such a cache tier.
+    # instance waits for another's fill and then reads the blob from such a cache tier (if it
+    # can_store, so that the other's fill could write it there).
     shared: ClassVar[bool] = False
     # A private local folder the tier owns, where the store may keep its spool and its
     # cross-process locks (the disk cache's); None for tiers with no local state.

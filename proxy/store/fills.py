@@ -275,8 +275,10 @@ class Fills:
             yield waited
 
     def _shared(self, indexes: range) -> list[int]:
+        """The cache tiers other instances read and this fill can write: where a claim's
+        waiters find what its holder fetched."""
         tiers = self.walk.tiers
-        return [i for i in indexes if tiers[i].role == "cache" and tiers[i].shared]
+        return [i for i in indexes if tiers[i].role == "cache" and tiers[i].shared and tiers[i].can_store]
 
     def _claim(self, fill: Fill, shared: list[int]) -> Claim | None:
         """A fleet claim for a fill about to ask the sources; None if no other instance could
