@@ -29,6 +29,22 @@ COALESCED = Counter(
     "Requests that waited for a fill already in flight, in this process or in another worker",
     ["scope"],
 )
+# Coalescing across instances (coalesce.url): see proxy.store.claims.
+COALESCE_CLAIMS = Counter("casproxy_coalesce_claims", "Fleet claims taken before fetching a digest from a source")
+COALESCE_WAITS = Counter("casproxy_coalesce_waits", "Fills that waited on another instance's claim")
+COALESCE_TAKEOVERS = Counter(
+    "casproxy_coalesce_takeovers", "Claims taken after waiting: the holder's fill failed or the holder died"
+)
+COALESCE_WAIT_SECONDS = Histogram(
+    "casproxy_coalesce_wait_seconds",
+    "Time spent waiting on another instance's claim, per wake-up",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+COALESCE_ALONE = Counter(
+    "casproxy_coalesce_alone",
+    "Fetches from a source made without a fleet claim: Redis unavailable, or coalesce.wait spent",
+    ["reason"],
+)
 NEGATIVE_HITS = Counter("casproxy_negative_cache_hits", "Lookups answered 'found nowhere' by the negative cache")
 EVICTIONS = Counter("casproxy_disk_evictions", "Entries evicted from disk cache tiers", ["tier"])
 BREAKER_STATE = Gauge(

@@ -12,6 +12,7 @@ from proxy.bulk import BucketBulkData, SelfBulkData
 from proxy.config import Config
 from proxy.policy import default_targets, state_dir
 from proxy.replication import ReplicationQueue
+from proxy.store.claims import Claims
 from proxy.store.composite import Composite
 from proxy.store.negative import NegativeCache, UploadClock
 from proxy.tickets import Signer, load_secret
@@ -68,6 +69,7 @@ def build_store(config: Config) -> Composite:
         breaker_threshold=config.breaker.threshold,
         breaker_cooldown=config.breaker.cooldown,
         corrupt_memory=config.negative_cache.max_entries,
+        claims=Claims(config.coalesce.url, config.coalesce.wait) if config.coalesce.url else None,
     )
 
 

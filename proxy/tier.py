@@ -176,6 +176,10 @@ class Tier(ABC):
     min_rate: float = 64 << 10  # bytes/s a body must keep up (see proxy.store.pace); 0: no floor
     trusted: bool = False  # holds only bytes it verified itself, so hits skip re-hashing
     can_store: ClassVar[bool] = False  # put() works: it can be an upload target or a cache
+    # Other machines read the same copies (a bucket, another casproxy): with coalesce.url, an
+    # instance waits for another's fill and then reads the blob from such a cache tier (if it
+    # can_store, so that the other's fill could write it there).
+    shared: ClassVar[bool] = False
     # A private local folder the tier owns, where the store may keep its spool and its
     # cross-process locks (the disk cache's); None for tiers with no local state.
     state_dir: str | None = None

@@ -22,6 +22,7 @@ from typing import Any
 from proxy.digest import Digest
 from proxy.errors import ConfigError, CorruptBlob, NotFound
 from proxy.store.breaker import Breaker
+from proxy.store.claims import Claims
 from proxy.store.fills import Fills, InTrustedTier
 from proxy.store.negative import NegativeCache
 from proxy.store.opened import Arriving, Found, Opened
@@ -47,12 +48,14 @@ class Composite:
         breaker_threshold: int = 5,
         breaker_cooldown: float = 30.0,
         corrupt_memory: int = 10_000,
+        claims: Claims | None = None,
     ) -> None:
         self.negative = negative_cache or NegativeCache()
+        self.claims = claims  # coalescing across instances (coalesce.url); None: per machine
         # A corrupt copy is remembered as long as a "found nowhere" is (SPEC 4).
         corrupt = CorruptCopies(self.negative.ttl, corrupt_memory)
         self._walk = Walk(breaker_threshold, breaker_cooldown, corrupt)
-        self._fills = Fills(self._walk, self.negative, spool_memory, max_blob_size)
+        self._fills = Fills(self._walk, self.negative, spool_memory, max_blob_size, claims)
         self._fills.spool_dir = spool_dir
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -114,6 +117,8 @@ class Composite:
             if not self._started:
                 for tier in self.tiers:
                     await self._start_tier(tier)
+                if self.claims is not None:
+                    await self.claims.start()
                 self._started = True
 
     async def _start_tier(self, tier: Tier) -> None:
@@ -142,6 +147,8 @@ class Composite:
             with contextlib.suppress(Exception):
                 await tier.close()
         await self.negative.close()
+        if self.claims is not None:
+            await self.claims.close()
         self._started = False
 
     async def __aenter__(self) -> Composite:
@@ -284,6 +291,7 @@ class Composite:
             "in_flight": len(self._fills),
             "coalesced": self.coalesced,
             "negative_cache": {"url": self.negative.url, "hits": self.negative.hits},
+            "coalesce": self.claims.describe() if self.claims is not None else None,
             "time": time.time(),
         }
 

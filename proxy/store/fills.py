@@ -3,7 +3,9 @@
 A fill is its own task, so a client that disconnects does not cancel it. It streams a tier's copy
 into a Spool while hashing it, skips copies that do not verify, and writes the good one into the
 cache tiers before the one that had it. Across processes sharing a disk cache, the fill locks
-make the others wait for this one and then find the blob cached.
+make the others wait for this one and then find the blob cached; across machines sharing a
+Redis, a claim (proxy.store.claims) makes the others wait and then read it from a shared cache
+tier. So a fleet asks a source once per digest: one claim per machine, one fill per process.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from proxy import metrics
 from proxy.blocking import run
 from proxy.digest import Digest
 from proxy.errors import CorruptBlob, InsufficientStorage, NotFound, TierError, TooLarge, UpstreamFailed
+from proxy.store.claims import Claim, Claims
 from proxy.store.fill_locks import FillLocks
 from proxy.store.negative import NegativeCache
 from proxy.store.pace import paced
@@ -106,11 +109,17 @@ class Fills:
     """The fills in flight in this process, by digest."""
 
     def __init__(
-        self, walk: Walk, negative: NegativeCache, spool_memory: int, max_blob_size: int | None = None
+        self,
+        walk: Walk,
+        negative: NegativeCache,
+        spool_memory: int,
+        max_blob_size: int | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.walk = walk
         self.max_blob_size = max_blob_size
         self.negative = negative
+        self.claims = claims
         self.spool_dir: str | None = None
         self.locks: FillLocks | None = None
         self.coalesced = 0
@@ -213,14 +222,35 @@ class Fills:
                             return
                 if waited and await self.remembered_absent(digest):
                     raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
-                for index in range(len(trusted), len(tiers)):
-                    spool = await self._fetch_from(fill, tiers[index], errors)
-                    if spool is not None:
-                        fill.result.set_result(spool)
-                        if fill.cache:
-                            await self._fill_caches(digest, spool, tiers[:index])
+                sources = next((i for i in range(len(trusted), len(tiers)) if tiers[i].role == "source"), len(tiers))
+                found = await self._fetch_first(fill, range(len(trusted), sources), errors)
+                shared = self._shared(range(len(trusted), sources))
+                claim = self._claim(fill, shared) if found is None else None
+                try:
+                    while found is None and claim is not None:
+                        mine = await claim.take()
+                        if mine and not claim.held:
+                            break  # no claim to be had (Redis unavailable, coalesce.wait spent)
+                        # Holding the claim: a fill that ended between our look and our claim
+                        # may have filled the shared tiers. Not holding it: another instance's
+                        # claim has just ended; it filled them, or failed.
+                        found = await self._fetch_first(fill, shared, errors)
+                        if mine:
+                            break
+                        if found is None and await self.remembered_absent(digest):
+                            raise NotFound(f"{digest} was found nowhere (remembered for {self.negative.ttl:g}s)")
+                    if found is None:
+                        found = await self._fetch_first(fill, range(sources, len(tiers)), errors)
+                    if found is None:
+                        await self.nothing_found(digest, errors, began)
                         return
-                await self.nothing_found(digest, errors, began)
+                    index, spool = found
+                    fill.result.set_result(spool)
+                    if fill.cache:  # before the claim is released: its waiters read the shared tier
+                        await self._fill_caches(digest, spool, tiers[:index])
+                finally:
+                    if claim is not None:
+                        await claim.release()
         except BaseException as error:
             if not fill.result.done():
                 fill.result.set_exception(error)
@@ -243,6 +273,27 @@ class Fills:
             if waited:
                 metrics.COALESCED.labels("workers").inc()
             yield waited
+
+    def _shared(self, indexes: range) -> list[int]:
+        """The cache tiers other instances read and this fill can write: where a claim's
+        waiters find what its holder fetched."""
+        tiers = self.walk.tiers
+        return [i for i in indexes if tiers[i].role == "cache" and tiers[i].shared and tiers[i].can_store]
+
+    def _claim(self, fill: Fill, shared: list[int]) -> Claim | None:
+        """A fleet claim for a fill about to ask the sources; None if no other instance could
+        read its copy (no coalesce.url, no shared cache tier, or a fill that caches nothing)."""
+        if self.claims is None or not fill.cache or not shared:
+            return None
+        return self.claims.claim(fill.digest)
+
+    async def _fetch_first(self, fill: Fill, indexes: range | list[int], errors: list[str]) -> tuple[int, Spool] | None:
+        """The first verified copy among the tiers at ``indexes``, with its tier's index."""
+        for index in indexes:
+            spool = await self._fetch_from(fill, self.walk.tiers[index], errors)
+            if spool is not None:
+                return index, spool
+        return None
 
     async def _fetch_from(self, fill: Fill, tier: Tier, errors: list[str]) -> Spool | None:
         """Stream one tier's copy into a new spool; the spool if it verified, else None."""

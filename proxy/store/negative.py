@@ -130,7 +130,7 @@ class NegativeCache:
     def __init__(
         self, url: str = "memory://", ttl: float = 30.0, clock: UploadClock | None = None, max_entries: int = 100_000
     ) -> None:
-        self.url = _without_password(url)  # shown in /stats and logs
+        self.url = without_password(url)  # shown in /stats and logs
         # Always a float: aiocache then sets Redis keys with PSETEX; an int picks SETEX, which
         # redis-py (5+) reports as deprecated on every call.
         self.ttl = float(ttl)
@@ -251,7 +251,7 @@ class _Unavailable(Exception):
     """The backend failed, or is being left alone after a failure."""
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     parts = urlparse(url)
     if parts.password is None:
         return url

@@ -45,6 +45,7 @@ _RESUME_TRANSIENT = {408, 429, 500, 502, 503, 504}
 
 class GcsTier(Tier):
     can_store = True
+    shared = True  # every instance reads the same bucket
 
     def __init__(
         self,

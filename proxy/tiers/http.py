@@ -21,6 +21,8 @@ _ABSENT = {404, 410}
 
 
 class HttpTier(Tier):
+    shared = True  # another casproxy (a regional one), or a CDN: every instance reads the same copies
+
     def __init__(
         self,
         url: str,

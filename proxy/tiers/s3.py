@@ -31,6 +31,7 @@ _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 class S3Tier(Tier):
     can_store = True
+    shared = True  # every instance reads the same bucket
 
     def __init__(
         self,
