@@ -46,9 +46,10 @@ class InTrustedTier(Exception):
 
 @dataclass(eq=False)
 class Fill:
-    """One walk for one digest. The fill holds a reference on the copy arriving now, and on the
-    verified one until the last attached request detaches, so a request can always pick up the
-    copy it waited for."""
+    """One walk for one digest. ``result`` is the verified copy, set once the first cache tier
+    has committed it (or failed to). The fill holds a reference on the copy arriving now, and
+    on the verified one until the last attached request detaches, so a request can always pick
+    up the copy it waited for."""
 
     digest: Digest
     cache: bool  # write the copy into the cache tiers (any request that joins may ask for it)
@@ -93,6 +94,11 @@ class Fill:
         try:
             async for chunk in spool.chunks(start, end):
                 offset += len(chunk)
+                last = spool.verified and offset >= (spool.size if end is None else min(end, spool.size))
+                if last and not self.result.done():
+                    # The chunk that ends the answer waits for the first cache's commit (see
+                    # Fills._run), so the client's next GET is a hit; a failed commit ends it too.
+                    await asyncio.wait([self.result])
                 yield chunk
         except SpoolFailed as error:
             if not isinstance(error.__cause__, SpoolUnwritable) or self.tier is None:
@@ -245,9 +251,16 @@ class Fills:
                         await self.nothing_found(digest, errors, began)
                         return
                     index, spool = found
+                    # The first cache commits before any client has the whole blob (the result,
+                    # and the last chunk of a stream, wait for it): a GET that follows a
+                    # completed one is a hit. All commit before the claim is released: its
+                    # waiters read the shared tier.
+                    caches = [tier for tier in tiers[:index] if tier.role == "cache"] if fill.cache else []
+                    if caches:
+                        await self._cache_in(caches[0], digest, spool)
                     fill.result.set_result(spool)
-                    if fill.cache:  # before the claim is released: its waiters read the shared tier
-                        await self._fill_caches(digest, spool, tiers[:index])
+                    for tier in caches[1:]:
+                        await self._cache_in(tier, digest, spool)
                 finally:
                     if claim is not None:
                         await claim.release()
@@ -343,19 +356,16 @@ class Fills:
         self.walk.meters[tier.name].hit(spool.size)
         return spool
 
-    async def _fill_caches(self, digest: Digest, spool: Spool, before: list[Tier]) -> None:
-        """Copy a verified blob into the cache tiers before the one that had it. A failure
-        here is logged and counted, never passed on: the client already has good bytes."""
-        for tier in before:
-            if tier.role != "cache":
-                continue
-            try:
-                await tier.put(digest, spool)
-            except Exception as error:  # noqa: BLE001 - a cache write must never fail the request
-                self.walk.meters[tier.name].cache_write(ok=False)
-                log.warning("could not cache %s in %s: %r", digest, tier.name, error)
-            else:
-                self.walk.meters[tier.name].cache_write(ok=True)
+    async def _cache_in(self, tier: Tier, digest: Digest, spool: Spool) -> None:
+        """Copy a verified blob into a cache tier. A failure is logged and counted, never
+        passed on: the client gets good bytes either way."""
+        try:
+            await tier.put(digest, spool)
+        except Exception as error:  # noqa: BLE001 - a cache write must never fail the request
+            self.walk.meters[tier.name].cache_write(ok=False)
+            log.warning("could not cache %s in %s: %r", digest, tier.name, error)
+        else:
+            self.walk.meters[tier.name].cache_write(ok=True)
 
 
 async def pass_through(walk: Walk, tier: Tier, digest: Digest, start: int, end: int | None) -> AsyncIterator[bytes]:
