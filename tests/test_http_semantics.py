@@ -18,10 +18,23 @@ from aiohttp.test_utils import TestClient
 
 from proxy.config import load_config
 from proxy.errors import ConfigError
+from proxy.server.fastpath import FastPathRunner
+from proxy.server.keys import STORE
 from tests.conftest import ProxyFactory, make_blob, write_config
 
 Client = TestClient[web.Request, web.Application]
 APP = "http://app.example"
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "aiohttp-only"])
+def make_proxy(make_proxy: ProxyFactory, request: pytest.FixtureRequest) -> ProxyFactory:
+    """Every test here runs with the hot-hit fast path in front of aiohttp, and without it."""
+
+    async def factory(tiers: list[dict[str, Any]], **sections: dict[str, Any]) -> Client:
+        server = {**sections.pop("server", {}), "fast_path": request.param}
+        return await make_proxy(tiers, server=server, **sections)
+
+    return factory
 
 
 @pytest.fixture
@@ -198,6 +211,31 @@ async def test_preflight_and_cors_headers_for_an_allowed_origin(client: Client, 
     assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
     plain = await client.get(f"/sha1/{digest}")  # a shared cache must not give this to a page
     assert "Origin" in plain.headers.getall("Vary") and "Access-Control-Allow-Origin" not in plain.headers
+
+
+@pytest.mark.parametrize(
+    ("method", "condition"),
+    [("GET", {}), ("HEAD", {}), ("GET", {"Range": "bytes=2-9"}), ("GET", {"If-None-Match": "*"})],
+    ids=["get", "head", "range", "304"],
+)
+async def test_a_hot_hit_without_origin_says_it_varies_by_origin(
+    client: Client, tmp_path: Path, method: str, condition: dict[str, str]
+) -> None:
+    """On a fresh connection, so that a hot hit goes to the fast path where there is one."""
+    data, digest = stored(tmp_path)
+    warm = await client.get(f"/sha1/{digest}")
+    assert warm.status == 200 and await warm.read() == data
+    await client.app[STORE].wait_idle()
+    runner = client.server.runner
+    answered = runner.hot.answered if isinstance(runner, FastPathRunner) else 0
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, client.make_url(f"/sha1/{digest}"), headers=condition) as response,
+    ):
+        assert response.status in (200, 206, 304)
+        assert "Origin" in response.headers.getall("Vary")
+        assert "Access-Control-Allow-Origin" not in response.headers
+    assert not isinstance(runner, FastPathRunner) or runner.hot.answered == answered + 1
 
 
 @pytest.mark.parametrize(

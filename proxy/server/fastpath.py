@@ -6,7 +6,7 @@ request cycle. Every other request, and every one this module is unsure of, goes
 the same connection: from that request on, the connection belongs to aiohttp's RequestHandler
 (``transport.set_protocol``), which gets the bytes not yet answered. Responses so stay in order
 under pipelining, and everything this module does not implement (bodies, chunked requests,
-HTTP/1.0, Expect, tickets, CORS, If-Match, errors, smuggling attempts) keeps aiohttp's answer.
+HTTP/1.0, Expect, tickets, requests with an Origin, If-Match, errors, smuggling attempts) keeps aiohttp's answer.
 
 A request is answered here only if all of these hold: its head ends in CRLF CRLF within
 MAX_HEAD bytes; httptools parses it as one complete HTTP/1.1 message without a body; it is GET
@@ -38,6 +38,7 @@ from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import RangeNotSatisfiable
 from proxy.server.blobs import CACHE_CONTROL
+from proxy.server.cors import CORS
 from proxy.server.keys import STORE
 from proxy.server.metrics import count_request
 from proxy.server.responses import etag_matches, parse_range
@@ -54,7 +55,7 @@ UNSURE = frozenset(
         b"transfer-encoding",
         b"expect",
         b"upgrade",
-        b"origin",  # CORS: the answer depends on [cors]
+        b"origin",  # CORS: Access-Control-* headers and refusals are server/cors.py's
         b"authorization",  # may carry a token a ticket check would read
         b"if-match",
         b"if-range",
@@ -69,10 +70,15 @@ class HotHits:
     """What every connection of one server shares: the store, prebuilt header bytes and the
     access logger."""
 
-    def __init__(self, store: Composite, access_log: logging.Logger | None, json_log: bool) -> None:
+    def __init__(
+        self, store: Composite, access_log: logging.Logger | None, json_log: bool, *, cors: bool = False
+    ) -> None:
         self.store = store
         self.access_log = access_log
         self.json_log = json_log
+        # With [cors] on, every blob answer says it depends on Origin (as server/cors.py adds on
+        # aiohttp's path); a request that carries an Origin is aiohttp's, for the other headers.
+        self._vary = b"Vary: Origin\r\n" if cors else b""
         self._heads: dict[tuple[str, str, bool, int], bytes] = {}
         self._second = 0
         self._tail = b""
@@ -94,12 +100,12 @@ class HotHits:
         return head
 
     def tail(self) -> bytes:
-        """Date and Server, the end of every head; Date changes once a second."""
+        """Date, Server and Vary, the end of every head; Date changes once a second."""
         now = int(time.time())
         if now != self._second:
             self._second = now
             date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
-            self._tail = f"Date: {date}\r\nServer: {SERVER_SOFTWARE}\r\n".encode("latin-1")
+            self._tail = f"Date: {date}\r\nServer: {SERVER_SOFTWARE}\r\n".encode("latin-1") + self._vary
         return self._tail
 
     def log(self, fields: dict[str, Any]) -> None:
@@ -378,17 +384,21 @@ def make_runner(app: web.Application, config: Config, **kwargs: Any) -> web.AppR
     every read needs a ticket (then no read is one this module may answer)."""
     if not config.server.fast_path or config.auth.require_ticket:
         return web.AppRunner(app, **kwargs)
-    return FastPathRunner(app, app[STORE], json_log=config.server.log_format == "json", **kwargs)
+    return FastPathRunner(
+        app, app[STORE], json_log=config.server.log_format == "json", cors=app[CORS].enabled, **kwargs
+    )
 
 
 class FastPathRunner(web.AppRunner):
     """An AppRunner whose sites put a FastPath in front of each connection's RequestHandler.
     Sites hand ``runner.server`` to ``loop.create_server`` as the protocol factory."""
 
-    def __init__(self, app: web.Application, store: Composite, *, json_log: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, app: web.Application, store: Composite, *, json_log: bool = False, cors: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(app, **kwargs)
         access_log = kwargs.get("access_log", logging.getLogger("aiohttp.access"))
-        self.hot = HotHits(store, access_log, json_log)
+        self.hot = HotHits(store, access_log, json_log, cors=cors)
 
     async def shutdown(self) -> None:
         await super().shutdown()
