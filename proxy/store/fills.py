@@ -31,7 +31,7 @@ from proxy.store.walk import Skipped, Walk
 from proxy.tier import Tier
 
 log = logging.getLogger(__name__)
-SPOOL_MEMORY_ITEM = 16 << 20  # a larger blob is spooled to a file even when memory is free
+SPOOL_MEMORY_ITEM = 1 << 20  # a larger blob is spooled to a file as it arrives: its commit is a link
 SPOOL_DIR = "spool"  # in the state folder: temp files next to the cache, so a commit is a hard link
 FILL_LOCKS = "fills.lock"  # in the state folder: see proxy.store.fill_locks
 

@@ -25,6 +25,7 @@ from proxy.tier import CHUNK_SIZE, Blob, BytesBlob, FileBlob
 SPOOL_PREFIX = "spool-"
 # Bytes hashed on the loop at most at once (~0.1 ms of SHA-1); more go to the executor.
 HASH_INLINE_MAX = 256 << 10
+_IOV_MAX = 1024  # buffers one writev takes at most (Linux's IOV_MAX)
 
 
 class MemoryBudget:
@@ -88,7 +89,10 @@ class Spool:
         self.checksum: str | None = None  # of the verified bytes, when they went to a file
         self._memory: bytearray | None = bytearray()
         self._frozen: bytes | None = None  # the verified bytes, when they stayed in memory
-        self._pending = bytearray()  # received, not yet hashed and written to the file
+        # Received, not yet hashed and written to the file: kept as they came (no copy on the
+        # loop), written with one writev and hashed in a thread.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         # Kept in memory, not yet hashed: hashed in blocks in the executor, off the loop.
         self._unhashed: list[bytes] = []
         self._unhashed_size = 0
@@ -112,18 +116,15 @@ class Spool:
                 await self._hash_unhashed()
             return
         # Network bodies arrive in small pieces: gather a block before each hop to the executor.
-        # (A large chunk with nothing pending goes as it is: no copy.)
-        if not self._pending and len(chunk) >= CHUNK_SIZE:
-            await self._flush(chunk)
-            return
-        self._pending += chunk
-        if len(self._pending) >= CHUNK_SIZE:
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size >= CHUNK_SIZE:
             await self._flush()
 
     @property
     def received(self) -> int:
         """Bytes written so far, including those not yet visible to readers."""
-        return self.size + len(self._pending)
+        return self.size + self._pending_size
 
     async def _hash_unhashed(self) -> None:
         chunks, self._unhashed, size, self._unhashed_size = self._unhashed, [], self._unhashed_size, 0
@@ -132,14 +133,13 @@ class Spool:
         else:
             await run(_update_all, self._hasher, self._fast, chunks)
 
-    async def _flush(self, block: bytes | bytearray | None = None) -> None:
+    async def _flush(self) -> None:
         await self._hash_unhashed()  # the bytes kept in memory so far come first
-        if block is None:
-            block, self._pending = self._pending, bytearray()  # hand the buffer over, no copy
+        block, size, self._pending, self._pending_size = self._pending, self._pending_size, [], 0
         loop = asyncio.get_running_loop()
-        # hashlib and os.write both release the GIL: hash and write the block at the same time,
+        # hashlib and os.writev both release the GIL: hash and write the block at the same time,
         # in two threads, so verification costs max(hash, write) instead of their sum.
-        hashed = loop.run_in_executor(None, _update_all, self._hasher, self._fast, [block])
+        hashed = loop.run_in_executor(None, _update_all, self._hasher, self._fast, block)
         try:
             await asyncio.gather(hashed, loop.run_in_executor(None, self._write_to_file, block))
         except OSError as error:
@@ -148,17 +148,17 @@ class Spool:
         if self._memory is not None:
             self._memory = None  # switched here, on the loop, so readers never see it half-done
             self._unreserve()
-        self.size += len(block)
+        self.size += size
         self._notify()
 
-    def _write_to_file(self, chunk: bytes | bytearray) -> None:
+    def _write_to_file(self, chunks: list[bytes]) -> None:
         if self._fd is None:
             if self._directory:
                 os.makedirs(self._directory, mode=0o700, exist_ok=True)
             self._fd, self.path = tempfile.mkstemp(prefix=SPOOL_PREFIX, dir=self._directory)
             if self._memory:
-                _write_all(self._fd, self._memory)
-        _write_all(self._fd, chunk)
+                _write_all(self._fd, [self._memory])
+        _write_all(self._fd, chunks)
 
     async def finish(self) -> None:
         """Check the digest: verified on a match, otherwise the spool fails with CorruptBlob."""
@@ -285,7 +285,11 @@ def _update_all(hasher: hashlib._Hash, fast: xxhash.xxh3_64, chunks: list[bytes]
         fast.update(chunk)
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, chunks: list[bytes] | list[bytearray]) -> None:
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
