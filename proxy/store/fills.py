@@ -321,7 +321,9 @@ class Fills:
             return None
         if fill.spool is not None:
             fill.spool.release()
-        spool = Spool(fill.digest, self.spool_dir, SPOOL_MEMORY_ITEM, max_size=self.max_blob_size, budget=self._budget)
+        # A blob known to be larger goes to the file from its first byte, not via memory.
+        memory = SPOOL_MEMORY_ITEM if blob.size is None or blob.size <= SPOOL_MEMORY_ITEM else 0
+        spool = Spool(fill.digest, self.spool_dir, memory, max_size=self.max_blob_size, budget=self._budget)
         fill.spool, fill.tier, fill.expected_size = spool, tier, blob.size
         fill.started.set()
         try:

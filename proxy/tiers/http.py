@@ -15,7 +15,7 @@ import aiohttp
 
 from proxy.digest import Digest
 from proxy.errors import ConfigError, TierError
-from proxy.tier import CHUNK_SIZE, Blob, Role, Stat, StreamBlob, Tier
+from proxy.tier import Blob, Role, Stat, StreamBlob, Tier
 
 _ABSENT = {404, 410}
 
@@ -89,8 +89,11 @@ class HttpTier(Tier):
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
-                async for chunk in response.content.iter_chunked(CHUNK_SIZE):
-                    yield chunk
+                # As they came off the socket: iter_chunked(n) would join them into n-byte
+                # bytes, a copy of the whole body on the event loop.
+                async for chunk, _ in response.content.iter_chunks():
+                    if chunk:
+                        yield chunk
             except (aiohttp.ClientError, TimeoutError) as error:
                 raise _failed(self.name, error) from error
 
