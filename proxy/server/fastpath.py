@@ -6,7 +6,8 @@ request cycle. Every other request, and every one this module is unsure of, goes
 the same connection: from that request on, the connection belongs to aiohttp's RequestHandler
 (``transport.set_protocol``), which gets the bytes not yet answered. Responses so stay in order
 under pipelining, and everything this module does not implement (bodies, chunked requests,
-HTTP/1.0, Expect, tickets, requests with an Origin, If-Match, errors, smuggling attempts) keeps aiohttp's answer.
+HTTP/1.0, Expect, tickets, requests with an Origin, If-Match, errors, smuggling attempts) keeps
+aiohttp's answer.
 
 A request is answered here only if all of these hold: its head ends in CRLF CRLF within
 MAX_HEAD bytes; httptools parses it as one complete HTTP/1.1 message without a body; it is GET
