@@ -11,7 +11,6 @@ from proxy.errors import CorruptBlob
 Encoding = Literal["identity", "gzip", "deflate"]
 Layout = Literal["flat", "sharded"]
 ENCODINGS: tuple[Encoding, ...] = ("identity", "gzip", "deflate")
-LAYOUTS: tuple[Layout, ...] = ("flat", "sharded")
 
 # zlib's wbits: 16+ is a gzip wrapper, plain MAX_WBITS a zlib (HTTP "deflate") stream.
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -95,16 +94,6 @@ def encoder(encoding: Encoding) -> zlib._Compress | None:
 def encode_bytes(data: bytes, encoding: Encoding) -> bytes:
     comp = encoder(encoding)
     return data if comp is None else comp.compress(data) + comp.flush()
-
-
-def decode_bytes(data: bytes, encoding: Encoding) -> bytes:
-    dec = decoder(encoding)
-    if dec is None:
-        return data
-    out = dec.decompress(data) + dec.flush()
-    if not dec.eof:
-        raise ValueError(f"{encoding} data is truncated")
-    return out
 
 
 class EncodingReader:

@@ -10,7 +10,7 @@ import socket
 import stat
 from urllib.parse import urlsplit
 
-from proxy.access import check_exposure
+from proxy.authorization import check_exposure
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.tiers.kinds import HttpConfig, TierConfig

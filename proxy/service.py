@@ -7,7 +7,7 @@ import os
 import typing
 from dataclasses import dataclass
 
-from proxy.access import Access
+from proxy.authorization import Access
 from proxy.bulk import BucketBulkData, SelfBulkData
 from proxy.config import Config
 from proxy.policy import default_targets, state_dir

@@ -30,7 +30,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.access import check_exposure
+from proxy.authorization import check_exposure
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.units import parse_size

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.access import check_exposure
+from proxy.authorization import check_exposure
 from proxy.config import load_config
 from proxy.errors import ConfigError
 from proxy.server.keys import SERVICE, STORE

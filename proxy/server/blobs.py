@@ -30,7 +30,7 @@ async def keep_private(request: web.Request, response: web.StreamResponse) -> No
         response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL
 
 
-def digest_of(request: web.Request) -> Digest:
+def requested_digest(request: web.Request) -> Digest:
     return Digest.parse(request.match_info["hash"], algorithm_of(request))
 
 
@@ -51,7 +51,7 @@ def _headers(digest: Digest, tier: str, hit: bool) -> dict[str, str]:
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
-    digest = digest_of(request)
+    digest = requested_digest(request)
     # Tickets sign the canonical path, whatever case the client wrote the name in.
     request.app[SERVICE].access.check_read(
         f"/{digest.algorithm}/{digest}", request.query, request.headers.get("Authorization")

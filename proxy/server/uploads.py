@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import ProxyError, TooLarge
-from proxy.server.blobs import algorithm_of, digest_of
+from proxy.server.blobs import algorithm_of, requested_digest
 from proxy.server.keys import SERVICE
 from proxy.server.problems import problem
 from proxy.service import Service
@@ -27,7 +27,7 @@ def _ticket_response(service: Service, stored: Stored) -> web.Response:
 def _check_before_body(request: web.Request) -> None:
     """Everything an upload can be refused for before its body is read."""
     service = request.app[SERVICE]
-    digest = digest_of(request) if "hash" in request.match_info else None
+    digest = requested_digest(request) if "hash" in request.match_info else None
     if digest is not None and "sig" in request.query:  # a signed upload URL, as Git LFS upload actions hand out
         service.access.check_signed_upload(f"/{digest.algorithm}/{digest}", request.query)
     else:
@@ -55,7 +55,7 @@ async def put_blob(request: web.Request) -> web.Response:
     """PUT /sha1/{hash}: the (decoded) body must hash to the name; nothing is stored otherwise."""
     service = request.app[SERVICE]
     _check_before_body(request)
-    digest = digest_of(request)
+    digest = requested_digest(request)
     stored = await service.uploader.receive(request.content.iter_chunked(CHUNK_SIZE), digest)
     return _ticket_response(service, stored)
 
@@ -72,5 +72,5 @@ async def delete_blob(request: web.Request) -> web.Response:
     """DELETE /sha1/{hash} (admin): drop it from the cache tiers; sources keep it."""
     service = request.app[SERVICE]
     service.access.check_admin(request.headers.get("Authorization"))
-    await service.store.delete(digest_of(request))
+    await service.store.delete(requested_digest(request))
     return web.Response(status=204)
