@@ -50,7 +50,7 @@ def blockbuster() -> Iterator[BlockBuster]:
         guard.functions["os.unlink"].can_block_in("proxy/store/spool.py", "release")  # TODO(store): spool file removal
         for function in everything:
             # TODO(transfer): boto3 reads its models and ~/.aws files building the export's client.
-            function.can_block_in("proxy/transfer/bucket.py", "make_client")
+            function.can_block_in("proxy/transfer/bucket_prefix.py", "make_client")
         guard.functions["os.unlink"].can_block_in("proxy/transfer/checkpoint.py", "discard")  # TODO(transfer)
         guard.functions["os.unlink"].can_block_in("proxy/bulk.py", "store")  # TODO(hardening): bulk slot's temp file
         for function in everything:

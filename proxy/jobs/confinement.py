@@ -12,7 +12,7 @@ from proxy.blocking import run
 from proxy.errors import BadRequest, Forbidden
 from proxy.store.composite import Composite
 from proxy.transfer import UsageError
-from proxy.transfer.bucket import tier_for
+from proxy.transfer.bucket_prefix import tier_for
 from proxy.transfer.locations import Location, parse_location
 
 # What a request may not choose: the server reads no files for it, and talks only to the

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import botocore.exceptions
 
 from proxy.errors import CorruptBlob, NotFound, ProxyError, TierError
-from proxy.transfer.bucket import error_code
+from proxy.transfer.bucket_prefix import error_code
 from proxy.transfer.checkpoint import Checkpoint
 from proxy.transfer.spec import TransferError
 from proxy.transfer.tally import Tally

@@ -15,7 +15,7 @@ from proxy.policy import default_targets
 from proxy.policy import state_dir as policy_state_dir
 from proxy.store.composite import Composite
 from proxy.tier import Tier
-from proxy.transfer.bucket import BucketSource, BucketTarget, make_client
+from proxy.transfer.bucket_prefix import BucketSource, BucketTarget, make_client
 from proxy.transfer.locations import ByteBudget, FolderSource, FolderTarget, Location, Source, Target
 from proxy.transfer.spec import TransferSpec, UsageError
 from proxy.transfer.tarball import TarSource, TarTarget
