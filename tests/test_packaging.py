@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import proxy
 from proxy.access import check_exposure
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
@@ -116,28 +118,67 @@ def image_env() -> dict[str, str]:
     return env
 
 
-def test_dockerfile_builds_from_the_readme_install_and_runs_casproxy_as_a_user() -> None:
+def test_dockerfile_installs_a_built_wheel_in_a_slim_stage_and_runs_casproxy_as_a_user() -> None:
     steps = dockerfile()
-    ops = [op for op, _ in steps]
-    assert steps[0][0] == "FROM" and re.fullmatch(r"python:3\.11[\w.-]*-slim-\w+", steps[0][1])
+    stages = [rest for op, rest in steps if op == "FROM"]
+    assert len(stages) == 2 and stages[0].endswith(" AS build"), "build the wheel, then install it in a fresh stage"
+    for stage in stages:
+        assert re.fullmatch(r"python:3\.11[\w.-]*-slim-\w+( AS build)?", stage), stage
+    second = [op for op, _ in steps].index("FROM", 1)
+    build, run = steps[:second], steps[second:]
     # Every file the image copies is in the build context, and nothing else is needed.
     for op, rest in steps:
-        if op == "COPY":
+        if op == "COPY" and "--from=" not in rest:
             *sources, _ = [arg for arg in shlex.split(rest) if not arg.startswith("--")]
             for source in sources:
                 assert (ROOT / source).exists(), source
                 assert dockerignore_keeps(source), f".dockerignore drops {source}, which the Dockerfile copies"
-    for private in (".venv", ".git", "data", "tests", "bench/results"):
+    for private in (".venv", ".git", "data", "tests", "bench/results", "scripts"):
         assert not dockerignore_keeps(private), private
-    runs = [rest for op, rest in steps if op == "RUN"]
-    assert any(run.startswith("scripts/setup") for run in runs), "the image installs with the README's command"
-    user = [rest for op, rest in steps if op == "USER"]
+    built = " ".join(rest for op, rest in build if op == "RUN")
+    assert "pip wheel" in built and "/wheels/casproxy-*.whl" in built and " -e " not in built
+    assert next(rest for op, rest in run if op == "COPY") == "--from=build /opt/casproxy /opt/casproxy"
+    assert not [rest for op, rest in run if op == "RUN" and "pip" in rest], "the run stage installs nothing itself"
+    assert image_env()["PATH"].startswith("/opt/casproxy/bin:")
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.\w+)="([^"]*)"', dict(run)["LABEL"]))
+    assert {"title", "description", "version", "licenses"} <= {name.rsplit(".", 1)[1] for name in labels}
+    version = next(rest for op, rest in run if op == "ARG" and rest.startswith("VERSION="))
+    assert version == f"VERSION={proxy.__version__}" and labels["org.opencontainers.image.licenses"] == "MIT"
+    ops = [op for op, _ in run]
+    user = [rest for op, rest in run if op == "USER"]
     assert user and user[-1].split(":")[0] not in ("0", "root")
     assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN"), "nothing runs as root after USER"
-    assert json.loads(dict(steps)["CMD"]) == ["casproxy", "serve"]  # exec form: casproxy gets SIGTERM
-    health = dict(steps)["HEALTHCHECK"]
+    assert json.loads(dict(run)["CMD"]) == ["casproxy", "serve"]  # exec form: casproxy gets SIGTERM
+    health = dict(run)["HEALTHCHECK"]
     assert "/healthz" in health and "curl" not in health
-    assert "8080" in dict(steps)["EXPOSE"]
+    assert "8080" in dict(run)["EXPOSE"]
+
+
+def test_the_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
+    """Built from exactly what the Dockerfile's build stage copies, as that stage builds it."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for op, rest in dockerfile():
+        if op == "COPY" and "--from=" not in rest and not rest.startswith("deploy/"):
+            *names, _ = shlex.split(rest)
+            for name in names:
+                copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+                copy(ROOT / name, source / name)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path / "wheels"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "wheels").glob("casproxy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = archive.read(f"casproxy-{proxy.__version__}.dist-info/METADATA").decode()
+    assert f"casproxy-{proxy.__version__}.dist-info/licenses/LICENSE" in names
+    assert "proxy/py.typed" in names and "proxy/cli.py" in names
+    assert not [name for name in names if name.startswith(("tests/", "bench/"))]
+    assert "License-Expression: MIT" in metadata
 
 
 def test_docker_config_loads_keeps_state_on_volumes_and_needs_tokens() -> None:
