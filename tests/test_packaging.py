@@ -292,6 +292,16 @@ def sidecar_casproxy_config(tmp_path: Path) -> tuple[Config, dict[str, str], dic
     return load_config(str(path), environ=environ), environ, container, pod
 
 
+def check_probes_and_metrics_port(config: Config, container: Mapping[str, Any]) -> None:
+    """The kubelet's probes and Prometheus reach casproxy's metrics port, which serves only the
+    operational routes: readiness on /readyz, liveness and start-up on /healthz."""
+    assert config.server.metrics_port and config.server.metrics_host == "0.0.0.0"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["metrics"] == config.server.metrics_port
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
+
+
 def test_kubernetes_sidecar_is_wired_together(tmp_path: Path) -> None:
     config, _, container, pod = sidecar_casproxy_config(tmp_path)
     config_map, _ = sidecar()
@@ -327,10 +337,7 @@ def test_kubernetes_sidecar_is_wired_together(tmp_path: Path) -> None:
     size_limit = parse_size(disk.options["size_limit"])
     assert size_limit + config.server.max_upload_size < quantity(empty_dir["sizeLimit"])
 
-    # Probes: readiness on /readyz, liveness on /healthz, on casproxy's own port.
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        command = " ".join(container[probe]["exec"]["command"])
-        assert f"http://127.0.0.1:{config.server.port}{path}" in command, probe
+    check_probes_and_metrics_port(config, container)
     limits = container["resources"]["limits"]
     assert quantity(limits["memory"]) > config.server.spool_memory + 64 * (1 << 20)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -358,6 +365,8 @@ def serving(config: Path, env: Mapping[str, str], cwd: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     env = {**env, "CASPROXY_SERVER__HOST": "127.0.0.1", "CASPROXY_SERVER__PORT": str(port)}
     env["CASPROXY_SERVER__PUBLIC_URL"] = url
+    if env.get("CASPROXY_SERVER__METRICS_PORT"):  # the manifests' fixed port, moved to a free one
+        env["CASPROXY_SERVER__METRICS_HOST"] = "127.0.0.1"
     log = (cwd / f"proxy-{port}.log").open("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "-c", str(config)], env=env, cwd=cwd, stdout=log, stderr=log
@@ -448,6 +457,89 @@ def test_kubernetes_sidecar_config_serves_against_an_s3_bucket(tmp_path: Path, s
     )
     with serving(tmp_path / "sidecar.toml", env, tmp_path) as url:
         round_trip(url, environ["CASPROXY_UPLOAD_TOKEN"])
+
+
+def regional() -> dict[str, dict[str, Any]]:
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "regional.yaml").read_text())}
+    assert set(documents) == {"ConfigMap", "Deployment", "Service"}
+    return documents
+
+
+def regional_casproxy_config(tmp_path: Path) -> tuple[Config, dict[str, str], dict[str, Any]]:
+    documents = regional()
+    path = tmp_path / "regional.toml"
+    path.write_text(documents["ConfigMap"]["data"]["config.toml"])
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    environ = {entry["name"]: f"secret-{entry['valueFrom']['secretKeyRef']['key']}" for entry in container["env"]}
+    return load_config(str(path), environ=environ), environ, pod
+
+
+def test_kubernetes_regional_is_wired_together(tmp_path: Path) -> None:
+    config, _, pod = regional_casproxy_config(tmp_path)
+    documents = regional()
+    (container,) = pod["containers"]
+    check_exposure(config)  # every interface, so upload tokens are required: they are set
+    assert config.server.host == "0.0.0.0" and config.auth.upload_tokens == ("secret-upload-token",)
+    assert config.auth.ticket_secret == "secret-ticket-secret", "the same in every replica"
+    check_probes_and_metrics_port(config, container)
+    header = (DEPLOY / "kubernetes" / "regional.yaml").read_text().split("apiVersion")[0]
+    for entry in container["env"]:
+        ref = entry["valueFrom"]["secretKeyRef"]
+        assert f"create secret generic {ref['name']}" in header and f"--from-literal={ref['key']}=" in header
+
+    # The Service selects these Pods and reaches both named ports; tickets name the Service.
+    service, deployment = documents["Service"], documents["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["http"] == config.server.port
+    for port in service["spec"]["ports"]:
+        assert port["targetPort"] in ports
+    assert config.server.public_url == f"http://{service['metadata']['name']}:{config.server.port}"
+
+    # State on the emptyDir, sized for the cache plus what is being spooled; memory for the workers.
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    disk = config.tier("disk")
+    cache_mount = next(m for m in mounts.values() if disk.options["path"].startswith(m["mountPath"] + "/"))
+    size_limit = parse_size(disk.options["size_limit"])
+    assert size_limit + config.server.max_upload_size < quantity(volumes[cache_mount["name"]]["emptyDir"]["sizeLimit"])
+    memory = quantity(container["resources"]["limits"]["memory"])
+    assert memory > config.server.workers * (config.server.spool_memory + 64 * (1 << 20))
+    assert pod["terminationGracePeriodSeconds"] > 30, "longer than casproxy's own stop grace"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
+    assert [config.tier(name).kind for name in config.uploads.targets] == ["s3", "s3"]
+
+
+def test_kubernetes_regional_config_serves_against_its_buckets(tmp_path: Path, s3_endpoint: str) -> None:
+    """Two workers, the origin and shared-cache buckets on moto: an upload lands in the origin
+    before the answer and in the shared cache from the queue; /metrics answers on metrics_port."""
+    config, environ, _ = regional_casproxy_config(tmp_path)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    buckets = {name: config.tier(name).options["url"].split("/")[2] for name in ("origin", "shared")}
+    for bucket in buckets.values():
+        s3.create_bucket(Bucket=bucket)
+    metrics_port = free_port()
+    env = clean_env(
+        **environ,
+        CASPROXY_TIERS__ORIGIN__ENDPOINT_URL=s3_endpoint,
+        CASPROXY_TIERS__SHARED__ENDPOINT_URL=s3_endpoint,
+        CASPROXY_TIERS__DISK__PATH=str(tmp_path / "cache"),
+        CASPROXY_SERVER__METRICS_PORT=str(metrics_port),
+    )
+    with serving(tmp_path / "regional.toml", env, tmp_path) as url:
+        digest = round_trip(url, environ["CASPROXY_UPLOAD_TOKEN"])
+        key = f"cas/{digest[:2]}/{digest}"
+        assert s3.head_object(Bucket=buckets["origin"], Key=key)
+        deadline = time.monotonic() + 30
+        while "Contents" not in s3.list_objects_v2(Bucket=buckets["shared"], Prefix=key):
+            assert time.monotonic() < deadline, "the queued copy never reached the shared bucket"
+            time.sleep(0.1)
+        scraped = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200 and "casproxy_uploads_total" in scraped.text
+        assert requests.get(f"http://127.0.0.1:{metrics_port}/sha1/{digest}", timeout=10).status_code == 404
 
 
 # -- the load test -------------------------------------------------------------------------
