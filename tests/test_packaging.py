@@ -642,3 +642,35 @@ async def test_locust_fails_a_body_that_does_not_hash_to_its_name(tmp_path: Path
         errors = {row["Error"] for row in csv.DictReader(file)}
     assert any("does not hash to the name" in error for error in errors), errors
     assert any("absent blob: expected 404, got 200" in error for error in errors), errors
+
+
+# -- scripts/setup -------------------------------------------------------------------------
+
+
+def test_setup_installs_only_when_pyproject_changed(tmp_path: Path) -> None:
+    """scripts/serve runs scripts/setup at every start: pip must run only when pyproject.toml (or
+    the extras asked for) changed. A stand-in .venv/bin/python records what it is asked to do."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup", tmp_path / "scripts" / "setup")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    calls = tmp_path / "calls"
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+
+    def setup(*extras: str) -> list[str]:
+        calls.unlink(missing_ok=True)
+        done = subprocess.run(
+            [str(tmp_path / "scripts" / "setup"), *extras], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    assert [call.rsplit(" ", 1)[-1] for call in setup()] == ["pip", "."]  # the first time: install
+    assert setup() == []  # up to date: serve starts at once
+    assert setup("test")[-1].endswith("-e .[test]")  # other extras: their own install
+    assert setup("test") == []
+    with (tmp_path / "pyproject.toml").open("a") as file:
+        file.write("\n# a new dependency, say\n")
+    assert setup()[-1].endswith("-e .")
