@@ -17,7 +17,9 @@ MAX_MODULE_LINES = 500
 ALLOWED = {
     "proxy/transfer/engine.py": "transfer: the engine splits once export fan-out has landed",
     "proxy/transfer/engine.py:Transfer": "transfer: the engine splits once export fan-out has landed",
-    "proxy/tiers/disk.py:DiskTier": "disk: the disk tier becomes a package (proxy/tiers/disk/)",
+    # 261 lines after the disk package split: only the protocol over its parts is left; the
+    # access-time writer (into eviction.py) is the next seam if it grows.
+    "proxy/tiers/disk/tier.py:DiskTier": "disk: the protocol over the package's parts",
 }
 
 
