@@ -205,7 +205,7 @@ async def test_wrong_bytes_are_never_returned_nor_left_on_disk(tmp_path: Path) -
     data, digest = make_blob(5000)
 
     async def corrupt(request: web.Request) -> web.Response:
-        return web.Response(body=data[:-1] + b"!")
+        return web.Response(body=data[:-1] + bytes([data[-1] ^ 1]))
 
     app = web.Application()
     app.router.add_get("/sha1/{hash}", corrupt)
