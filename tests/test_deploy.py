@@ -125,7 +125,7 @@ async def test_every_series_the_dashboard_and_alerts_query_is_exposed(
         tmp_path / "config.toml",
         [
             {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache"), "size_limit": "1 MiB"},
-            {"name": "origin", "kind": "http", "url": origin.url},
+            {"name": "origin", "kind": "http", "url": origin.url, "timeout": "120s"},  # held by the gate
             {"name": "flaky", "kind": "http", "url": flaky.url},
         ],
         server={"host": "127.0.0.1", "port": port},
@@ -135,7 +135,7 @@ async def test_every_series_the_dashboard_and_alerts_query_is_exposed(
     proxy.start()
     try:
         async with aiohttp.ClientSession() as session:
-            await proxy.wait_healthy(session, 30)
+            await proxy.wait_healthy(session, 60)
             for seed in range(12):  # 3.6 MB into a 1 MiB cache: evictions
                 data, digest = make_blob(300_000, seed=seed)
                 async with session.put(f"{proxy.url}/sha1/{digest}", data=data) as stored:

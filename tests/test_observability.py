@@ -280,7 +280,7 @@ async def test_metrics_port_serves_only_the_operational_routes(tmp_path: Path) -
     proxy.start()
     try:
         async with aiohttp.ClientSession() as session:
-            await proxy.wait_healthy(session, 30)
+            await proxy.wait_healthy(session, 60)
             data, digest = make_blob(1000)
             async with session.put(f"{proxy.url}/sha1/{digest}", data=data) as stored:
                 assert stored.status == 201

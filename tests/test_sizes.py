@@ -17,6 +17,7 @@ MAX_MODULE_LINES = 500
 ALLOWED = {
     "proxy/transfer/engine.py": "transfer: the engine splits once export fan-out has landed",
     "proxy/transfer/engine.py:Transfer": "transfer: the engine splits once export fan-out has landed",
+    "proxy/jobs.py:Jobs": "transfer: the jobs runner (280 lines) splits with the engine",
     # 261 lines after the disk package split: only the protocol over its parts is left; the
     # access-time writer (into eviction.py) is the next seam if it grows.
     "proxy/tiers/disk/tier.py:DiskTier": "disk: the protocol over the package's parts",
