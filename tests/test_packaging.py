@@ -173,11 +173,11 @@ def test_the_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp_path / "wheels").glob("casproxy-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
+        members = set(archive.namelist())
         metadata = archive.read(f"casproxy-{proxy.__version__}.dist-info/METADATA").decode()
-    assert f"casproxy-{proxy.__version__}.dist-info/licenses/LICENSE" in names
-    assert "proxy/py.typed" in names and "proxy/cli.py" in names
-    assert not [name for name in names if name.startswith(("tests/", "bench/"))]
+    assert f"casproxy-{proxy.__version__}.dist-info/licenses/LICENSE" in members
+    assert "proxy/py.typed" in members and "proxy/cli.py" in members
+    assert not [name for name in members if name.startswith(("tests/", "bench/"))]
     assert "License-Expression: MIT" in metadata
 
 
