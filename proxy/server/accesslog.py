@@ -34,7 +34,9 @@ def printable(text: str) -> str:
 # What a request id from outside (a load balancer's, a client's) may look like to be kept: short,
 # and nothing that could break a log line or a header.
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
-_USER_AGENT_MAX = 256
+USER_AGENT_MAX = 256
+# The text line; the fast path (proxy.server.fastpath) logs its hits with it too.
+TEXT_LINE = "%(remote)s %(method)s %(path)s %(status)s %(bytes)s %(ms)sms %(cache)s %(tier)s %(id)s %(user_agent)s"
 _REQUEST_ID = web.RequestKey("request_id", str)
 
 
@@ -43,9 +45,13 @@ def request_id(request: web.BaseRequest) -> str:
     the answer's header and the log line."""
     known = request.get(_REQUEST_ID)
     if known is None:
-        incoming = request.headers.get("X-Request-Id", "")
-        known = request[_REQUEST_ID] = incoming if _SANE_ID.fullmatch(incoming) else secrets.token_hex(8)
+        known = request[_REQUEST_ID] = new_request_id(request.headers.get("X-Request-Id", ""))
     return known
+
+
+def new_request_id(incoming: str) -> str:
+    """``incoming`` if it is a sane id, else a new random one (also the fast path's)."""
+    return incoming if _SANE_ID.fullmatch(incoming) else secrets.token_hex(8)
 
 
 async def send_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -67,16 +73,13 @@ class AccessLogger(AbstractAccessLogger):
             "ms": round(time * 1000, 2),
             "cache": response.headers.get("X-Cache", "-"),
             "tier": response.headers.get("X-Cache-Tier", "-"),
-            "user_agent": request.headers.get("User-Agent", "-")[:_USER_AGENT_MAX],
+            "user_agent": request.headers.get("User-Agent", "-")[:USER_AGENT_MAX],
         }
         if self.json_format:
             self.logger.info("request", extra={"request": fields})
         else:
             fields["user_agent"] = json.dumps(fields["user_agent"])  # quoted, control characters escaped
-            self.logger.info(
-                "%(remote)s %(method)s %(path)s %(status)s %(bytes)s %(ms)sms %(cache)s %(tier)s %(id)s %(user_agent)s",
-                fields,
-            )
+            self.logger.info(TEXT_LINE, fields)
 
     @property
     def enabled(self) -> bool:
