@@ -13,14 +13,15 @@ PROXY = Path(__file__).resolve().parent.parent / "proxy"
 MAX_CLASS_LINES = 250
 MAX_MODULE_LINES = 500
 
-# Over the limit for now, each with the branch splitting it; remove the line with the split.
+# Over the limit for now, each with its owner and its next seam; remove the line with the split.
 ALLOWED = {
-    "proxy/transfer/engine.py": "transfer: the engine splits once export fan-out has landed",
-    "proxy/transfer/engine.py:Transfer": "transfer: the engine splits once export fan-out has landed",
-    "proxy/jobs.py:Jobs": "transfer: the jobs runner (280 lines) splits with the engine",
-    # 261 lines after the disk package split: only the protocol over its parts is left; the
+    # 260 lines after the disk package split: only the protocol over its parts is left; the
     # access-time writer (into eviction.py) is the next seam if it grows.
     "proxy/tiers/disk/tier.py:DiskTier": "disk: the protocol over the package's parts",
+    # Both grew past 250 with coalescing across instances (fleet); the Redis claim and wait could
+    # move into a module of their own beside fill_locks.py.
+    "proxy/store/composite.py:Composite": "fleet: 260 lines with the shared-cache wiring",
+    "proxy/store/fills.py:Fills": "fleet: 251 lines with the cross-instance claim",
 }
 
 
