@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import random
@@ -298,8 +299,28 @@ class AsyncClient:
                 yield held
 
     async def get(self, ref: str | Ticket) -> bytes:
-        """The blob's bytes, verified against its name."""
-        return b"".join([chunk async for chunk in self.stream(ref)])
+        """The blob's bytes, verified against its name. It holds the blob once: the bytes fill a
+        buffer of the announced size in place and are handed back without a copy (joining the
+        chunks held them twice). Use ``download`` or ``stream`` for blobs that should not be in
+        memory at all."""
+        digest, url = self.locate(ref)
+        response = await self._request("GET", url, retry=True)
+        async with response:
+            # A decoded body (Content-Encoding) has another length than the one announced.
+            size = None if response.headers.get("Content-Encoding") else response.content_length
+            # BytesIO over a bytes object it alone holds writes into it in place, and getvalue()
+            # returns that object when it is exactly full (CPython); bytes(n) is calloc'd, so its
+            # pages cost nothing until written.
+            buffer = io.BytesIO(bytes(size or 0))
+            hasher = digest.hasher()
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                hasher.update(chunk)
+                buffer.write(chunk)
+            if size is not None and buffer.tell() != size:
+                raise DigestMismatch(f"the server announced {size} bytes and sent {buffer.tell()}")
+            if not digest.matches(hasher):
+                raise DigestMismatch(f"the server sent bytes that hash to {hasher.hexdigest()}, not {digest}")
+            return buffer.getvalue()
 
     async def download(
         self,

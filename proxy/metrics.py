@@ -8,7 +8,23 @@ time instead (see proxy.server.metrics).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import platform
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+from proxy import __version__
+
+# A *_created series per counter child doubles the series count for a timestamp no dashboard or
+# alert reads (rate() and increase() handle restarts by themselves).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+BUILD_INFO = Gauge(
+    "casproxy_build_info",
+    "Always 1; its labels name the casproxy and Python versions running",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 
 REQUESTS = Counter(
     "casproxy_http_requests",

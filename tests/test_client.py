@@ -3,6 +3,7 @@ async client, a ``casproxy serve`` subprocess for the blocking client and the co
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -204,7 +205,7 @@ async def test_wrong_bytes_are_never_returned_nor_left_on_disk(tmp_path: Path) -
     data, digest = make_blob(5000)
 
     async def corrupt(request: web.Request) -> web.Response:
-        return web.Response(body=data[:-1] + b"!")
+        return web.Response(body=data[:-1] + bytes([data[-1] ^ 1]))
 
     app = web.Application()
     app.router.add_get("/sha1/{hash}", corrupt)
@@ -226,6 +227,40 @@ async def test_wrong_bytes_are_never_returned_nor_left_on_disk(tmp_path: Path) -
             with pytest.raises(DigestMismatch):
                 await client.download(digest, tmp_path / "out" / digest)
         assert list((tmp_path / "out").iterdir()) == []  # neither the file nor its temp
+    finally:
+        await server.close()
+
+
+async def test_get_fills_the_announced_size_and_takes_chunked_and_encoded_bodies() -> None:
+    """get() writes into a buffer of Content-Length; bodies without one (chunked) or with
+    another length on the wire (gzip) still arrive whole and verified."""
+    data, digest = make_blob(3 << 20)
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(data), 700_001):
+            await response.write(data[start : start + 700_001])
+        await response.write_eof()
+        return response
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(body=data)
+
+    async def gzipped(request: web.Request) -> web.Response:  # Content-Length: the gzip's
+        return web.Response(body=gzip.compress(data, 1), headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_get("/chunked/sha1/{hash}", chunked)
+    app.router.add_get("/gzip/sha1/{hash}", gzipped)
+    app.router.add_get("/sha1/{hash}", plain)
+    server, url = await serve(app)
+    try:
+        async with AsyncClient(url) as client:
+            for ref in (digest, f"{url}/chunked/sha1/{digest}", f"{url}/gzip/sha1/{digest}"):
+                got = await client.get(ref)
+                assert type(got) is bytes and got == data, ref
     finally:
         await server.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 
 import aiohttp
@@ -97,8 +98,10 @@ def get(path: str, *headers: str, method: str = "GET", version: str = "1.1") -> 
 
 
 def comparable(response: Response) -> Response:
+    """Without what differs per answer: the date and the request id (each must be there)."""
     status, headers, body = response
-    return status, {k: v for k, v in headers.items() if k != "date"}, body
+    assert re.fullmatch(r"[0-9a-f]{16}", headers["x-request-id"]), headers
+    return status, {k: v for k, v in headers.items() if k not in ("date", "x-request-id")}, body
 
 
 @pytest.fixture
@@ -265,7 +268,8 @@ async def raw_answer_until_closed(port: int, raw: bytes) -> bytes:
 
 
 async def raw_answer(client: Client, raw: bytes) -> bytes:
-    """Everything the server sends until it closes (or 2 s of silence), Date lines removed."""
+    """Everything the server sends until it closes (or 2 s of silence), Date and X-Request-Id
+    lines (per answer) removed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
     writer.write(raw)
     received = b""
@@ -276,7 +280,8 @@ async def raw_answer(client: Client, raw: bytes) -> bytes:
         pass
     finally:
         writer.close()
-    return b"\r\n".join(line for line in received.split(b"\r\n") if not line.startswith(b"Date: "))
+    lines = received.split(b"\r\n")
+    return b"\r\n".join(line for line in lines if not line.startswith((b"Date: ", b"X-Request-Id: ")))
 
 
 async def test_hits_are_counted_and_logged(
@@ -295,11 +300,14 @@ async def test_hits_are_counted_and_logged(
 
     requests, observations, before = count(), timed(), answered(fast)
     with caplog.at_level(logging.INFO, logger="aiohttp.access"):
-        await exchange(fast, get(f"/sha1/{digest}", "Range: bytes=0-99"), ["GET"])
+        ((_, headers, _),), _ = await exchange(
+            fast, get(f"/sha1/{digest}", "Range: bytes=0-99", "X-Request-Id: lb-7", "User-Agent: probe/1"), ["GET"]
+        )
     assert answered(fast) == before + 1
     assert count() == requests + 1 and timed() == observations + 1
+    assert headers["x-request-id"] == "lb-7"  # a sane incoming id is kept, as aiohttp's answers do
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
-    assert any(f"GET /sha1/{digest} 206 " in line and line.endswith("HIT disk") for line in lines), lines
+    assert any(f"GET /sha1/{digest} 206 " in line and line.endswith('HIT disk lb-7 "probe/1"') for line in lines), lines
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])

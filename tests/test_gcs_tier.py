@@ -37,7 +37,7 @@ from proxy.server.keys import STORE
 from proxy.service import build_store
 from proxy.tier import FilePayload
 from proxy.tiers.bucket import SIZE_METADATA
-from proxy.tiers.gcs import UPLOAD_CHUNK
+from proxy.tiers.gcs_upload import UPLOAD_CHUNK
 from tests.conftest import ProxyFactory, free_port, make_blob, write_config
 
 Client = TestClient[web.Request, web.Application]

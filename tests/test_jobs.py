@@ -110,7 +110,7 @@ async def test_import_job_verifies_and_stores(
     good, digest = make_blob(3000)
     bucket.put(f"in/{digest}", good)
     bad, bad_digest = make_blob(3000)
-    bucket.put(f"in/{bad_digest}", bad[:-1] + b"!")
+    bucket.put(f"in/{bad_digest}", bad[:-1] + bytes([bad[-1] ^ 1]))
     bucket.put("in/README.txt", b"not a blob")
     request = {"kind": "import", "source": bucket.url("in/"), "into": "disk"}
     created = await (await client.post("/jobs", json=request, headers=ADMIN)).json()

@@ -98,7 +98,7 @@ async def test_streamed_origin_large_blob_is_spooled_and_cached(tmp_path: Path) 
 async def test_corrupt_copy_is_skipped_counted_and_never_cached(tmp_path: Path) -> None:
     data, digest = make_blob(5000)
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / digest).write_bytes(data[:-1] + b"X")
+    (tmp_path / "bad" / digest).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     store = Composite([DiskTier(str(tmp_path / "cache")), FsTier(str(tmp_path / "bad"), name="bad")])
     store.append_source(DictAPI({digest: data}))
     async with store:

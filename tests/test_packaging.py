@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import proxy
 from proxy.authorization import check_exposure
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
@@ -116,28 +118,67 @@ def image_env() -> dict[str, str]:
     return env
 
 
-def test_dockerfile_builds_from_the_readme_install_and_runs_casproxy_as_a_user() -> None:
+def test_dockerfile_installs_a_built_wheel_in_a_slim_stage_and_runs_casproxy_as_a_user() -> None:
     steps = dockerfile()
-    ops = [op for op, _ in steps]
-    assert steps[0][0] == "FROM" and re.fullmatch(r"python:3\.11[\w.-]*-slim-\w+", steps[0][1])
+    stages = [rest for op, rest in steps if op == "FROM"]
+    assert len(stages) == 2 and stages[0].endswith(" AS build"), "build the wheel, then install it in a fresh stage"
+    for stage in stages:
+        assert re.fullmatch(r"python:3\.11[\w.-]*-slim-\w+( AS build)?", stage), stage
+    second = [op for op, _ in steps].index("FROM", 1)
+    build, run = steps[:second], steps[second:]
     # Every file the image copies is in the build context, and nothing else is needed.
     for op, rest in steps:
-        if op == "COPY":
+        if op == "COPY" and "--from=" not in rest:
             *sources, _ = [arg for arg in shlex.split(rest) if not arg.startswith("--")]
             for source in sources:
                 assert (ROOT / source).exists(), source
                 assert dockerignore_keeps(source), f".dockerignore drops {source}, which the Dockerfile copies"
-    for private in (".venv", ".git", "data", "tests", "bench/results"):
+    for private in (".venv", ".git", "data", "tests", "bench/results", "scripts"):
         assert not dockerignore_keeps(private), private
-    runs = [rest for op, rest in steps if op == "RUN"]
-    assert any(run.startswith("scripts/setup") for run in runs), "the image installs with the README's command"
-    user = [rest for op, rest in steps if op == "USER"]
+    built = " ".join(rest for op, rest in build if op == "RUN")
+    assert "pip wheel" in built and "/wheels/casproxy-*.whl" in built and " -e " not in built
+    assert next(rest for op, rest in run if op == "COPY") == "--from=build /opt/casproxy /opt/casproxy"
+    assert not [rest for op, rest in run if op == "RUN" and "pip" in rest], "the run stage installs nothing itself"
+    assert image_env()["PATH"].startswith("/opt/casproxy/bin:")
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.\w+)="([^"]*)"', dict(run)["LABEL"]))
+    assert {"title", "description", "version", "licenses"} <= {name.rsplit(".", 1)[1] for name in labels}
+    version = next(rest for op, rest in run if op == "ARG" and rest.startswith("VERSION="))
+    assert version == f"VERSION={proxy.__version__}" and labels["org.opencontainers.image.licenses"] == "MIT"
+    ops = [op for op, _ in run]
+    user = [rest for op, rest in run if op == "USER"]
     assert user and user[-1].split(":")[0] not in ("0", "root")
     assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN"), "nothing runs as root after USER"
-    assert json.loads(dict(steps)["CMD"]) == ["casproxy", "serve"]  # exec form: casproxy gets SIGTERM
-    health = dict(steps)["HEALTHCHECK"]
+    assert json.loads(dict(run)["CMD"]) == ["casproxy", "serve"]  # exec form: casproxy gets SIGTERM
+    health = dict(run)["HEALTHCHECK"]
     assert "/healthz" in health and "curl" not in health
-    assert "8080" in dict(steps)["EXPOSE"]
+    assert "8080" in dict(run)["EXPOSE"]
+
+
+def test_the_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
+    """Built from exactly what the Dockerfile's build stage copies, as that stage builds it."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for op, rest in dockerfile():
+        if op == "COPY" and "--from=" not in rest and not rest.startswith("deploy/"):
+            *names, _ = shlex.split(rest)
+            for name in names:
+                copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+                copy(ROOT / name, source / name)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path / "wheels"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "wheels").glob("casproxy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        members = set(archive.namelist())
+        metadata = archive.read(f"casproxy-{proxy.__version__}.dist-info/METADATA").decode()
+    assert f"casproxy-{proxy.__version__}.dist-info/licenses/LICENSE" in members
+    assert "proxy/py.typed" in members and "proxy/cli.py" in members
+    assert not [name for name in members if name.startswith(("tests/", "bench/"))]
+    assert "License-Expression: MIT" in metadata
 
 
 def test_docker_config_loads_keeps_state_on_volumes_and_needs_tokens() -> None:
@@ -251,6 +292,16 @@ def sidecar_casproxy_config(tmp_path: Path) -> tuple[Config, dict[str, str], dic
     return load_config(str(path), environ=environ), environ, container, pod
 
 
+def check_probes_and_metrics_port(config: Config, container: Mapping[str, Any]) -> None:
+    """The kubelet's probes and Prometheus reach casproxy's metrics port, which serves only the
+    operational routes: readiness on /readyz, liveness and start-up on /healthz."""
+    assert config.server.metrics_port and config.server.metrics_host == "0.0.0.0"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["metrics"] == config.server.metrics_port
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
+
+
 def test_kubernetes_sidecar_is_wired_together(tmp_path: Path) -> None:
     config, _, container, pod = sidecar_casproxy_config(tmp_path)
     config_map, _ = sidecar()
@@ -286,10 +337,7 @@ def test_kubernetes_sidecar_is_wired_together(tmp_path: Path) -> None:
     size_limit = parse_size(disk.options["size_limit"])
     assert size_limit + config.server.max_upload_size < quantity(empty_dir["sizeLimit"])
 
-    # Probes: readiness on /readyz, liveness on /healthz, on casproxy's own port.
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        command = " ".join(container[probe]["exec"]["command"])
-        assert f"http://127.0.0.1:{config.server.port}{path}" in command, probe
+    check_probes_and_metrics_port(config, container)
     limits = container["resources"]["limits"]
     assert quantity(limits["memory"]) > config.server.spool_memory + 64 * (1 << 20)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -317,6 +365,8 @@ def serving(config: Path, env: Mapping[str, str], cwd: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     env = {**env, "CASPROXY_SERVER__HOST": "127.0.0.1", "CASPROXY_SERVER__PORT": str(port)}
     env["CASPROXY_SERVER__PUBLIC_URL"] = url
+    if env.get("CASPROXY_SERVER__METRICS_PORT"):  # the manifests' fixed port, moved to a free one
+        env["CASPROXY_SERVER__METRICS_HOST"] = "127.0.0.1"
     log = (cwd / f"proxy-{port}.log").open("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "-c", str(config)], env=env, cwd=cwd, stdout=log, stderr=log
@@ -407,6 +457,89 @@ def test_kubernetes_sidecar_config_serves_against_an_s3_bucket(tmp_path: Path, s
     )
     with serving(tmp_path / "sidecar.toml", env, tmp_path) as url:
         round_trip(url, environ["CASPROXY_UPLOAD_TOKEN"])
+
+
+def regional() -> dict[str, dict[str, Any]]:
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "regional.yaml").read_text())}
+    assert set(documents) == {"ConfigMap", "Deployment", "Service"}
+    return documents
+
+
+def regional_casproxy_config(tmp_path: Path) -> tuple[Config, dict[str, str], dict[str, Any]]:
+    documents = regional()
+    path = tmp_path / "regional.toml"
+    path.write_text(documents["ConfigMap"]["data"]["config.toml"])
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    environ = {entry["name"]: f"secret-{entry['valueFrom']['secretKeyRef']['key']}" for entry in container["env"]}
+    return load_config(str(path), environ=environ), environ, pod
+
+
+def test_kubernetes_regional_is_wired_together(tmp_path: Path) -> None:
+    config, _, pod = regional_casproxy_config(tmp_path)
+    documents = regional()
+    (container,) = pod["containers"]
+    check_exposure(config)  # every interface, so upload tokens are required: they are set
+    assert config.server.host == "0.0.0.0" and config.auth.upload_tokens == ("secret-upload-token",)
+    assert config.auth.ticket_secret == "secret-ticket-secret", "the same in every replica"
+    check_probes_and_metrics_port(config, container)
+    header = (DEPLOY / "kubernetes" / "regional.yaml").read_text().split("apiVersion")[0]
+    for entry in container["env"]:
+        ref = entry["valueFrom"]["secretKeyRef"]
+        assert f"create secret generic {ref['name']}" in header and f"--from-literal={ref['key']}=" in header
+
+    # The Service selects these Pods and reaches both named ports; tickets name the Service.
+    service, deployment = documents["Service"], documents["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["http"] == config.server.port
+    for port in service["spec"]["ports"]:
+        assert port["targetPort"] in ports
+    assert config.server.public_url == f"http://{service['metadata']['name']}:{config.server.port}"
+
+    # State on the emptyDir, sized for the cache plus what is being spooled; memory for the workers.
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    disk = config.tier("disk")
+    cache_mount = next(m for m in mounts.values() if disk.options["path"].startswith(m["mountPath"] + "/"))
+    size_limit = parse_size(disk.options["size_limit"])
+    assert size_limit + config.server.max_upload_size < quantity(volumes[cache_mount["name"]]["emptyDir"]["sizeLimit"])
+    memory = quantity(container["resources"]["limits"]["memory"])
+    assert memory > config.server.workers * (config.server.spool_memory + 64 * (1 << 20))
+    assert pod["terminationGracePeriodSeconds"] > 30, "longer than casproxy's own stop grace"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
+    assert [config.tier(name).kind for name in config.uploads.targets] == ["s3", "s3"]
+
+
+def test_kubernetes_regional_config_serves_against_its_buckets(tmp_path: Path, s3_endpoint: str) -> None:
+    """Two workers, the origin and shared-cache buckets on moto: an upload lands in the origin
+    before the answer and in the shared cache from the queue; /metrics answers on metrics_port."""
+    config, environ, _ = regional_casproxy_config(tmp_path)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    buckets = {name: config.tier(name).options["url"].split("/")[2] for name in ("origin", "shared")}
+    for bucket in buckets.values():
+        s3.create_bucket(Bucket=bucket)
+    metrics_port = free_port()
+    env = clean_env(
+        **environ,
+        CASPROXY_TIERS__ORIGIN__ENDPOINT_URL=s3_endpoint,
+        CASPROXY_TIERS__SHARED__ENDPOINT_URL=s3_endpoint,
+        CASPROXY_TIERS__DISK__PATH=str(tmp_path / "cache"),
+        CASPROXY_SERVER__METRICS_PORT=str(metrics_port),
+    )
+    with serving(tmp_path / "regional.toml", env, tmp_path) as url:
+        digest = round_trip(url, environ["CASPROXY_UPLOAD_TOKEN"])
+        key = f"cas/{digest[:2]}/{digest}"
+        assert s3.head_object(Bucket=buckets["origin"], Key=key)
+        deadline = time.monotonic() + 30
+        while "Contents" not in s3.list_objects_v2(Bucket=buckets["shared"], Prefix=key):
+            assert time.monotonic() < deadline, "the queued copy never reached the shared bucket"
+            time.sleep(0.1)
+        scraped = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200 and "casproxy_uploads_total" in scraped.text
+        assert requests.get(f"http://127.0.0.1:{metrics_port}/sha1/{digest}", timeout=10).status_code == 404
 
 
 # -- the load test -------------------------------------------------------------------------
@@ -509,3 +642,35 @@ async def test_locust_fails_a_body_that_does_not_hash_to_its_name(tmp_path: Path
         errors = {row["Error"] for row in csv.DictReader(file)}
     assert any("does not hash to the name" in error for error in errors), errors
     assert any("absent blob: expected 404, got 200" in error for error in errors), errors
+
+
+# -- scripts/setup -------------------------------------------------------------------------
+
+
+def test_setup_installs_only_when_pyproject_changed(tmp_path: Path) -> None:
+    """scripts/serve runs scripts/setup at every start: pip must run only when pyproject.toml (or
+    the extras asked for) changed. A stand-in .venv/bin/python records what it is asked to do."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup", tmp_path / "scripts" / "setup")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    calls = tmp_path / "calls"
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+
+    def setup(*extras: str) -> list[str]:
+        calls.unlink(missing_ok=True)
+        done = subprocess.run(
+            [str(tmp_path / "scripts" / "setup"), *extras], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    assert [call.rsplit(" ", 1)[-1] for call in setup()] == ["pip", "."]  # the first time: install
+    assert setup() == []  # up to date: serve starts at once
+    assert setup("test")[-1].endswith("-e .[test]")  # other extras: their own install
+    assert setup("test") == []
+    with (tmp_path / "pyproject.toml").open("a") as file:
+        file.write("\n# a new dependency, say\n")
+    assert setup()[-1].endswith("-e .")

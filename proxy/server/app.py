@@ -10,12 +10,14 @@ from proxy.config import Config
 from proxy.digest import ALGORITHMS, Digest
 from proxy.errors import BadDigest
 from proxy.server import blobs, bulk, cors, jobs, lfs, ops, uploads
+from proxy.server.accesslog import send_request_id
 from proxy.server.cors import cors_middleware
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.metrics import get_metrics, metrics_middleware
 from proxy.server.openapi import openapi
 from proxy.server.problems import problems_middleware
 from proxy.server.protocol import answer_parse_errors
+from proxy.server.scrape import metrics_listener
 from proxy.server.status import status_page
 from proxy.service import build_service
 from proxy.store.composite import Composite
@@ -62,6 +64,9 @@ def create_app(config: Config, store: Composite | None = None) -> web.Applicatio
     app.cleanup_ctx.append(lifetime)
     if config.auth.require_ticket:
         app.on_response_prepare.append(blobs.keep_private)
+    app.on_response_prepare.append(send_request_id)
+    if config.server.metrics_port:
+        app.cleanup_ctx.append(metrics_listener)  # after lifetime: it reports the started service
 
     async def stopping(app: web.Application) -> None:  # before aiohttp waits for the handlers
         await service.stopping()

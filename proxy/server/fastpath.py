@@ -23,6 +23,7 @@ aiohttp's parser holds no partial request, which aiohttp does not expose.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -38,6 +39,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import RangeNotSatisfiable
+from proxy.server.accesslog import TEXT_LINE, USER_AGENT_MAX, new_request_id
 from proxy.server.blobs import CACHE_CONTROL
 from proxy.server.cors import CORS
 from proxy.server.keys import STORE
@@ -115,9 +117,8 @@ class HotHits:
         if self.json_log:
             self.access_log.info("request", extra={"request": fields})
         else:
-            self.access_log.info(
-                "%(remote)s %(method)s %(path)s %(status)s %(bytes)s %(ms)sms %(cache)s %(tier)s", fields
-            )
+            fields["user_agent"] = json.dumps(fields["user_agent"])  # quoted, as AccessLogger does
+            self.access_log.info(TEXT_LINE, fields)
 
 
 class FastPath(asyncio.Protocol):
@@ -330,6 +331,8 @@ class FastPath(asyncio.Protocol):
             status, first = 200, b"HTTP/1.1 200 OK\r\n"
             head_bytes = self.hot.head(digest, tier.name, hit, size)
         keep_alive = self.keep_alive
+        request_id = new_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
+        head_bytes += f"X-Request-Id: {request_id}\r\n".encode("latin-1")  # as accesslog.send_request_id
         response = first + head_bytes + self.hot.tail() + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
         if method == "HEAD":
             body = b""
@@ -344,6 +347,7 @@ class FastPath(asyncio.Protocol):
         if self.hot.access_log is not None and self.hot.access_log.isEnabledFor(logging.INFO):  # cached by logging
             self.hot.log(
                 {
+                    "id": request_id,
                     "remote": self.remote,
                     "method": method,
                     "path": self.url.decode("ascii"),
@@ -352,6 +356,7 @@ class FastPath(asyncio.Protocol):
                     "ms": round(seconds * 1000, 2),
                     "cache": "HIT" if hit else "MISS",
                     "tier": tier.name,
+                    "user_agent": headers.get(b"user-agent", b"-").decode("latin-1")[:USER_AGENT_MAX],
                 }
             )
         return True

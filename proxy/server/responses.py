@@ -78,7 +78,13 @@ class SendfileResponse(web.StreamResponse):
         self._blob = blob
         self._offset = start
         self._count = end - start
+        self._sent = 0  # bytes the kernel sent: aiohttp's own count never sees them
         self.content_length = self._count
+
+    @property
+    def body_length(self) -> int:
+        """Headers and body as sent, as for any other response (the access log's bytes)."""
+        return super().body_length + self._sent
 
     async def prepare(self, request: web.BaseRequest) -> web.StreamResponse | None:  # type: ignore[override]
         writer = await super().prepare(request)
@@ -116,6 +122,16 @@ class SendfileResponse(web.StreamResponse):
                 break
 
     async def _sendfile(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
+        start = self._file.tell()
+        try:
+            await self._sendfile_checked(loop, transport)
+        finally:
+            # loop.sendfile leaves the file at the end of what it sent, also when cut short: the
+            # bytes aiohttp's own count (body_length) never sees.
+            end = self._file.tell()
+            self._sent = end - self._offset if end != start else 0
+
+    async def _sendfile_checked(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
         """All but the last byte while the file's check (if it has one) runs; the last byte
         only once the check passed (SPEC 4: never a complete body of wrong bytes)."""
         if self._blob.check is None:

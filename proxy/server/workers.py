@@ -36,15 +36,15 @@ _STOP_GRACE = 30.0  # seconds workers get to finish their requests after SIGTERM
 
 
 def setup_logging(config: Config) -> None:
-    from proxy.server.accesslog import JsonFormatter, queued
+    from proxy.server.accesslog import JsonFormatter, UtcFormatter, queued
 
     handler = logging.StreamHandler(sys.stderr)
     if config.server.log_format == "json":
         handler.setFormatter(JsonFormatter())
     elif config.server.workers > 1:  # say which worker said it
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(UtcFormatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(UtcFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[queued(handler)])  # written off the event loop
 
 
