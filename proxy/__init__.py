@@ -5,8 +5,9 @@ The names below are imported on first use (PEP 562), so ``import proxy.errors`` 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from proxy.lazy import exports
 
 __version__ = "0.1.0"
 
@@ -34,12 +35,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # once: later lookups do not come here
-        return value
-    raise AttributeError(f"module 'proxy' has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

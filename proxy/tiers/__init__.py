@@ -3,8 +3,9 @@ below are imported on first use, so naming a kind loads only that kind's SDK."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from proxy.lazy import exports
 
 _EXPORTS = {
     "APIOrigin": "proxy.tiers.api",
@@ -17,12 +18,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'proxy.tiers' has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

@@ -5,8 +5,9 @@ command line's parser does not load boto3."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from proxy.lazy import exports
 
 _EXPORTS = {
     "Snapshot": "proxy.transfer.tally",
@@ -18,12 +19,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'proxy.transfer' has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
