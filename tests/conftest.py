@@ -107,6 +107,23 @@ def write_config(path: Path, tiers: list[dict[str, Any]], **sections: dict[str, 
     return path
 
 
+def on_both_paths() -> Any:
+    """A module's ``make_proxy = on_both_paths()``: every test there that starts a proxy runs with
+    the hot-hit fast path in front of aiohttp, and without it (the HTTP behaviour must not differ)."""
+
+    @pytest.fixture(params=[True, False], ids=["fast-path", "aiohttp-only"])
+    def make_proxy(make_proxy: ProxyFactory, request: pytest.FixtureRequest) -> ProxyFactory:
+        async def factory(
+            tiers: list[dict[str, Any]], **sections: dict[str, Any]
+        ) -> TestClient[web.Request, web.Application]:
+            server = {**sections.pop("server", {}), "fast_path": request.param}
+            return await make_proxy(tiers, server=server, **sections)
+
+        return factory
+
+    return make_proxy
+
+
 @dataclass
 class Bucket:
     name: str

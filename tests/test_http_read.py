@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from proxy.server.keys import STORE
-from tests.conftest import ProxyFactory, make_blob
+from tests.conftest import ProxyFactory, make_blob, on_both_paths
 
 Client = TestClient[web.Request, web.Application]
 
@@ -27,15 +27,7 @@ def tiers(tmp_path: Path, **disk: Any) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture(params=[True, False], ids=["fast-path", "aiohttp-only"])
-def make_proxy(make_proxy: ProxyFactory, request: pytest.FixtureRequest) -> ProxyFactory:
-    """Every test here runs with the hot-hit fast path in front of aiohttp, and without it."""
-
-    async def factory(tiers: list[dict[str, Any]], **sections: dict[str, Any]) -> Client:
-        server = {**sections.pop("server", {}), "fast_path": request.param}
-        return await make_proxy(tiers, server=server, **sections)
-
-    return factory
+make_proxy = on_both_paths()  # every test here runs with the fast path and without
 
 
 @pytest.fixture
