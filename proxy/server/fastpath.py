@@ -23,7 +23,6 @@ aiohttp's parser holds no partial request, which aiohttp does not expose.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import socket
@@ -39,7 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import RangeNotSatisfiable
-from proxy.server.accesslog import TEXT_LINE, USER_AGENT_MAX, new_request_id
+from proxy.server.accesslog import USER_AGENT_MAX, AccessLog, new_request_id
 from proxy.server.blobs import CACHE_CONTROL
 from proxy.server.cors import CORS
 from proxy.server.keys import STORE
@@ -71,14 +70,13 @@ _HEAD_CACHE_ENTRIES = 4096
 
 class HotHits:
     """What every connection of one server shares: the store, prebuilt header bytes and the
-    access logger."""
+    access log."""
 
     def __init__(
         self, store: Composite, access_log: logging.Logger | None, json_log: bool, *, cors: bool = False
     ) -> None:
         self.store = store
-        self.access_log = access_log
-        self.json_log = json_log
+        self.access_log = None if access_log is None else AccessLog(access_log, json_format=json_log)
         # With [cors] on, every blob answer says it depends on Origin (as server/cors.py adds on
         # aiohttp's path); a request that carries an Origin is aiohttp's, for the other headers.
         self._vary = b"Vary: Origin\r\n" if cors else b""
@@ -110,15 +108,6 @@ class HotHits:
             date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
             self._tail = f"Date: {date}\r\nServer: {SERVER_SOFTWARE}\r\n".encode("latin-1") + self._vary
         return self._tail
-
-    def log(self, fields: dict[str, Any]) -> None:
-        """The access line of proxy.server.accesslog, in the same one logging call."""
-        assert self.access_log is not None
-        if self.json_log:
-            self.access_log.info("request", extra={"request": fields})
-        else:
-            fields["user_agent"] = json.dumps(fields["user_agent"])  # quoted, as AccessLogger does
-            self.access_log.info(TEXT_LINE, fields)
 
 
 class FastPath(asyncio.Protocol):
@@ -344,8 +333,9 @@ class FastPath(asyncio.Protocol):
         seconds = time.perf_counter() - started
         self.hot.answered += 1
         count_request(f"/{algorithm}/{{hash}}", method, status, seconds)  # as metrics_middleware does
-        if self.hot.access_log is not None and self.hot.access_log.isEnabledFor(logging.INFO):  # cached by logging
-            self.hot.log(
+        access_log = self.hot.access_log
+        if access_log is not None and access_log.logger.isEnabledFor(logging.INFO):  # cached by logging
+            access_log.write(
                 {
                     "id": request_id,
                     "remote": self.remote,
@@ -367,8 +357,10 @@ class FastPath(asyncio.Protocol):
             self.transport.write(head + body if body else head)
         else:
             # Two writes, not writelines: asyncio's writelines joins them, a copy of the whole body.
+            # A memoryview: what the socket does not take at once is copied once into the
+            # transport's buffer, not sliced into a new bytes first.
             self.transport.write(head)
-            self.transport.write(body)
+            self.transport.write(memoryview(body))
 
 
 def _may_be_fast(start: bytes) -> bool:

@@ -103,7 +103,7 @@ async def _serve(config: Config, sock: socket.socket, announce: str) -> None:
         create_app(config),
         config,
         access_log_class=logger,
-        access_log=logging.getLogger("casproxy.authorization") if config.server.access_log else None,
+        access_log=logging.getLogger("casproxy.access") if config.server.access_log else None,
     )
     # Handlers first: a SIGTERM while the tiers start is a clean stop too, not a kill.
     stop = asyncio.Event()
