@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from proxy.tiers.disk.eviction import AccessTimes, make_room
 from proxy.tiers.disk.generation import Generation
 from proxy.tiers.disk.hot import HotCache
 from proxy.tiers.disk.index import Index
-from proxy.tiers.disk.reads import CheckedReads, LargeEntry
+from proxy.tiers.disk.reads import READ_LIMIT, CheckedReads, LargeEntry
 from tests.conftest import make_blob
 
 
@@ -215,9 +216,9 @@ def test_checked_reads_serve_only_bytes_matching_their_checksum(tmp_path: Path) 
         index.set_file(large_digest, str(spooled), integrity.checksum(large))
         entry = reads.read(Digest(large_digest), hot.generation)  # over the hot item limit
         assert isinstance(entry, LargeEntry) and entry.size == len(large)
-        reads.check_copy(Digest(large_digest), os.dup(entry.file.fileno()), entry.size, entry.checksum)
+        reads.check_copy(Digest(large_digest), os.dup(entry.file.fileno()), entry)
         with pytest.raises(CorruptBlob):
-            reads.check_copy(Digest(large_digest), os.dup(entry.file.fileno()), entry.size, "0" * 16)
+            reads.check_copy(Digest(large_digest), os.dup(entry.file.fileno()), replace(entry, checksum="0" * 16))
         entry.file.close()
         assert index.get(large_digest) is None and reads.corrupt == 1
 
@@ -227,5 +228,31 @@ def test_checked_reads_serve_only_bytes_matching_their_checksum(tmp_path: Path) 
             reads.read(Digest(small_digest), hot.generation)
         assert index.get(small_digest) is None and hot.get(small_digest) is None
         assert reads.corrupt == 2 and len(removals) == 2
+    finally:
+        index.close()
+
+
+def test_a_large_entry_that_fits_memory_is_kept_by_the_check_that_goes_with_its_send(tmp_path: Path) -> None:
+    """Sent by sendfile the first time (over READ_LIMIT); the check's one read keeps it in the
+    hot cache, so its next hit is answered from memory. A corrupt one is not kept."""
+    index = Index(str(tmp_path), size_limit=1 << 30, file_threshold=1000)
+    hot, access = HotCache(8 << 20, 2 << 20), AccessTimes()
+    reads = CheckedReads("disk", index, hot, access, lambda: None)
+    try:
+        for number, corrupt in enumerate((False, True)):
+            data, digest = make_blob(READ_LIMIT + 1000 + number)
+            spooled = tmp_path / f"spooled-{number}"
+            spooled.write_bytes(data)
+            index.set_file(digest, str(spooled), integrity.checksum(data))
+            entry = reads.read(Digest(digest), hot.generation)
+            assert isinstance(entry, LargeEntry) and hot.get(digest) is None
+            if corrupt:
+                entry = replace(entry, checksum="0" * 16)
+                with pytest.raises(CorruptBlob):
+                    reads.check_copy(Digest(digest), os.dup(entry.file.fileno()), entry)
+            else:
+                reads.check_copy(Digest(digest), os.dup(entry.file.fileno()), entry)
+            entry.file.close()
+            assert hot.get(digest) == (None if corrupt else data)
     finally:
         index.close()

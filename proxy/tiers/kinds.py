@@ -60,7 +60,7 @@ class DiskConfig(TierConfig):
     size_limit: Size = setting(10 << 30, "evict least recently used blobs above this much")
     min_free: Size = setting(0, "also evict while the filesystem has less free space than this")
     memory_limit: Size = setting(64 << 20, "the hot in-process LRU in front of the disk")
-    memory_item_limit: Size = setting(256 << 10, "larger blobs never enter the hot LRU")
+    memory_item_limit: Size = setting(2 << 20, "larger blobs never enter the hot LRU (they are sent from their file)")
     file_threshold: Size = setting(32 << 10, "smaller blobs live inside the index database, larger in files")
     threads: int = setting(8, "threads for disk I/O")
 

@@ -29,9 +29,13 @@ class HotCache:
                 self._items.move_to_end(key)
             return data
 
+    def fits(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes may be kept here."""
+        return size <= self.item_limit and size <= self.limit
+
     def add(self, key: str, data: bytes, generation: int) -> None:
         """Keep ``data``, read from disk at purge ``generation``, unless a purge came since."""
-        if len(data) > self.item_limit or len(data) > self.limit:
+        if not self.fits(len(data)):
             return
         with self._lock:
             if generation != self.generation or key in self._items:

@@ -40,6 +40,17 @@ def file_checksum(fd: int, size: int) -> str:
     return hasher.hexdigest()
 
 
+def read_whole(fd: int, size: int) -> bytes | None:
+    """The first ``size`` bytes of an open file, in one buffer (pread); None if it is shorter."""
+    data = os.pread(fd, size, 0)
+    while len(data) < size:  # a short read (rare for regular files): go on from there
+        more = os.pread(fd, size - len(data), len(data))
+        if not more:
+            return None
+        data += more
+    return data
+
+
 def legacy_checksum(digest: Digest, data: bytes | None, fd: int | None, size: int) -> str | None:
     """For an entry without a checksum: its checksum if its bytes hash to ``digest``, else None."""
     named = digest.hasher()

@@ -2,8 +2,9 @@
 nothing is trusted blindly, not even the local disk). Blocking: runs in the tier's executor.
 
 Small entries are checked as they are read into memory. A large one is returned open for
-sendfile with what its sender needs to check it alongside the send (``check_copy``). A mismatch
-evicts the entry and raises CorruptBlob, so the walk goes on to the next tier.
+sendfile with what its sender needs to check it alongside the send (``check_copy``); one that
+fits the hot cache is kept there by that check, so its next hit is answered from memory. A
+mismatch evicts the entry and raises CorruptBlob, so the walk goes on to the next tier.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from proxy.tiers.disk.index import Index
 
 log = logging.getLogger(__name__)
 
+# Entries up to this size are read into memory to be answered; larger ones are sent by sendfile
+# (measured, 1 MiB not in memory: read + check + send 800 µs of CPU a hit, sendfile + check 515).
+READ_LIMIT = 256 << 10
+
 
 @dataclass(frozen=True, slots=True)
 class LargeEntry:
@@ -32,6 +37,7 @@ class LargeEntry:
     file: BinaryIO
     size: int
     checksum: str
+    generation: int  # the purge generation it was read at (proxy.tiers.disk.generation)
 
 
 class CheckedReads:
@@ -60,10 +66,10 @@ class CheckedReads:
             data = value
         else:
             size = os.fstat(value.fileno()).st_size
-            if size > self._hot.item_limit:
+            if size > min(READ_LIMIT, self._hot.item_limit):
                 if expected is None:
                     expected = self._adopt(digest, None, value, size)
-                return LargeEntry(value, size, expected)
+                return LargeEntry(value, size, expected, generation)
             with value:
                 data = value.read()
         if expected is None:
@@ -74,16 +80,24 @@ class CheckedReads:
         self._hot.add(digest, data, generation)
         return data
 
-    def check_copy(self, digest: Digest, fd: int, size: int, expected: str) -> None:
+    def check_copy(self, digest: Digest, fd: int, entry: LargeEntry) -> None:
         """Hash a large entry's file (``fd``: a descriptor of its own, closed here) while it is
-        being sent; raises CorruptBlob on a mismatch, and the sender cuts the connection."""
+        being sent; raises CorruptBlob on a mismatch, and the sender cuts the connection. An
+        entry that fits the hot cache is read whole and kept there: the same one pass."""
+        data = None
         try:
-            actual = integrity.file_checksum(fd, size)
+            if self._hot.fits(entry.size):
+                data = integrity.read_whole(fd, entry.size)
+                actual = integrity.checksum(data) if data is not None else "truncated"
+            else:
+                actual = integrity.file_checksum(fd, entry.size)
         finally:
             os.close(fd)
-        if actual != expected:
+        if actual != entry.checksum:
             self._evict(digest)  # the store counts it against this tier (Composite._open_trusted)
             raise CorruptBlob(f"{self.name}: {digest}: its bytes on disk changed (checksum mismatch); evicted")
+        if data is not None:
+            self._hot.add(digest, data, entry.generation)
 
     def _adopt(self, digest: Digest, data: bytes | None, file: BinaryIO | None, size: int) -> str:
         """An entry of a version before checksums: verify it by its digest once and record its

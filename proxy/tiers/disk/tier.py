@@ -52,7 +52,7 @@ class DiskTier(Tier):
         size_limit: SizeArg = DEFAULT_SIZE_LIMIT,
         min_free: SizeArg = 0,
         memory_limit: SizeArg = "64 MiB",
-        memory_item_limit: SizeArg = "256 KiB",
+        memory_item_limit: SizeArg = "2 MiB",
         file_threshold: SizeArg = "32 KiB",
         threads: int = 8,
         timeout: float = 10.0,
@@ -186,9 +186,7 @@ class DiskTier(Tier):
         def check() -> asyncio.Future[None]:
             # Its own descriptor: the sender may close the file before the check ends.
             fd = os.dup(entry.file.fileno())
-            return asyncio.ensure_future(
-                run_on(self._executor, self.reads.check_copy, digest, fd, entry.size, entry.checksum)
-            )
+            return asyncio.ensure_future(run_on(self._executor, self.reads.check_copy, digest, fd, entry))
 
         return FileBlob(entry.file, entry.size, check=check)
 
