@@ -325,10 +325,10 @@ class FastPath(asyncio.Protocol):
         response = first + head_bytes + self.hot.tail() + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
         if method == "HEAD":
             body = b""
-        self._send(response, body)
+        assert self.transport is not None
+        _send(self.transport, response, body)
         if not keep_alive:
             self.closing = True
-            assert self.transport is not None
             self.transport.close()  # after the buffered response is sent
         seconds = time.perf_counter() - started
         self.hot.answered += 1
@@ -351,16 +351,16 @@ class FastPath(asyncio.Protocol):
             )
         return True
 
-    def _send(self, head: bytes, body: bytes | memoryview) -> None:
-        assert self.transport is not None
-        if len(body) <= _SMALL_BODY:
-            self.transport.write(head + body if body else head)
-        else:
-            # Two writes, not writelines: asyncio's writelines joins them, a copy of the whole body.
-            # A memoryview: what the socket does not take at once is copied once into the
-            # transport's buffer, not sliced into a new bytes first.
-            self.transport.write(head)
-            self.transport.write(memoryview(body))
+
+def _send(transport: asyncio.Transport, head: bytes, body: bytes | memoryview) -> None:
+    if len(body) <= _SMALL_BODY:
+        transport.write(head + body if body else head)
+    else:
+        # Two writes, not writelines: asyncio's writelines joins them, a copy of the whole body.
+        # A memoryview: what the socket does not take at once is copied once into the
+        # transport's buffer, not sliced into a new bytes first.
+        transport.write(head)
+        transport.write(memoryview(body))
 
 
 def _may_be_fast(start: bytes) -> bool:
