@@ -282,7 +282,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
     fs = {"name": "local", "kind": "fs", "role": "source", "path": str(blobs)}
     hot = ready(casproxy(workdir, "casproxy", fs), probe)
     slow = ready(casproxy(workdir, "casproxy fast_path=false", fs, fast_path=False), probe)
-    disk_only = ready(casproxy(workdir, "casproxy disk", fs, memory={}), probe)  # default memory limits
+    # memory_limit 0: every hit is read from the disk (sendfile, checked alongside)
+    disk_only = ready(casproxy(workdir, "casproxy disk", fs, memory={"memory_limit": "0"}), probe)
 
     log("hot hits (wrk -t1 -c50 on core 1, servers on core 0)")
     for label, size in HIT_SIZES.items():
