@@ -135,7 +135,7 @@ class AccessLog:
     def write(self, fields: dict[str, Any]) -> None:
         """Log one request's ``fields`` (the keys of TEXT_LINE); called on the event loop."""
         if not self.json_format:
-            fields["user_agent"] = json.dumps(fields["user_agent"])  # quoted, control characters escaped
+            fields["user_agent"] = _quoted(fields["user_agent"])
         if self.formatter is None:
             if self.json_format:
                 self.logger.info("request", extra={"request": fields})
@@ -161,6 +161,19 @@ class AccessLog:
             self.queue.put(record)
 
 
+_QUOTED: dict[str, str] = {}  # clients send the same few User-Agents: quote each once
+
+
+def _quoted(user_agent: str) -> str:
+    """``user_agent`` quoted, control characters escaped (as JSON strings are)."""
+    quoted = _QUOTED.get(user_agent)
+    if quoted is None:
+        if len(_QUOTED) >= 256:
+            _QUOTED.clear()
+        quoted = _QUOTED[user_agent] = json.dumps(user_agent)
+    return quoted
+
+
 def _batching(logger: logging.Logger) -> tuple[queue.SimpleQueue[logging.LogRecord] | None, UtcFormatter | None]:
     """The queue and formatter of the one ``queued`` handler that ``logger``'s records reach, if
     that is their only handler and its formatter is one of ours; else (None, None)."""
@@ -180,11 +193,15 @@ class JsonAccessLogger(AccessLogger):
     json_format = True
 
 
+_MILLISECONDS = [f".{n:03d}Z" for n in range(1000)]  # formatted once, not once a line
+
+
 class UtcFormatter(logging.Formatter):
     """Times in ISO 8601, UTC, to the millisecond: one clock for every host and worker."""
 
     _second = -1
     _second_text = ""
+    _templates: dict[str, tuple[str, str, str] | None]
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self.time_text(record.created)
@@ -194,7 +211,7 @@ class UtcFormatter(logging.Formatter):
         if second != self._second:  # the date part changes once a second
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
             self._second = second
-        return f"{self._second_text}.{millisecond:03d}Z"
+        return self._second_text + _MILLISECONDS[millisecond]
 
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "preformatted", False):  # a batch of AccessLog lines
@@ -204,13 +221,28 @@ class UtcFormatter(logging.Formatter):
     def render(self, name: str, message: str | dict[str, Any]) -> str:
         """What ``format`` makes of an INFO record of ``name`` with ``message``, now, without
         the record: the fields of our own formats only."""
-        fields = {
-            "asctime": self.time_text(time.time()),
-            "process": _process.pid,
-            "levelname": "INFO",
-            "name": name,
-            "message": message,
-        }
+        now = self.time_text(time.time())
+        template = self._template(name)
+        if template is None:
+            return self._fields_format(name, now, message)
+        head, middle, tail = template
+        return f"{head}{now}{middle}{message}{tail}"
+
+    def _template(self, name: str) -> tuple[str, str, str] | None:
+        """The format's text around the time and the message of an INFO line of ``name`` (one
+        string join a line instead of a %-format), or None if the format is not that shape."""
+        if "_templates" not in self.__dict__:
+            self._templates = {}
+        if name not in self._templates:
+            text = self._fields_format(name, "\0", "\1")
+            head, _, rest = text.partition("\0")
+            middle, _, tail = rest.partition("\1")
+            shaped = text.count("\0") == text.count("\1") == 1 and text.index("\0") < text.index("\1")
+            self._templates[name] = (head, middle, tail) if shaped else None
+        return self._templates[name]
+
+    def _fields_format(self, name: str, now: str, message: str | dict[str, Any]) -> str:
+        fields = {"asctime": now, "process": _process.pid, "levelname": "INFO", "name": name, "message": message}
         return self._fmt % fields if self._fmt else str(message)
 
 
