@@ -239,6 +239,26 @@ class DiskTier(Tier):
             self.index.set_file(digest, path, checksum)
         self._refresh_usage()
 
+    async def make_room(self, size: int) -> bool:
+        return await run_on(self._executor, self._make_room, size)
+
+    def _make_room(self, size: int) -> bool:
+        """Room for a spool file about to grow by ``size`` bytes: its space is taken as it is
+        written (a commit only links it), so min_free is kept from the first byte."""
+        evictions = self.evictions
+        fits = make_room(
+            self.index,
+            self.path,
+            incoming=0,
+            new_bytes=size,
+            size_limit=self.size_limit,
+            min_free=self.min_free,
+            evicted=self._evicted,
+        )
+        if self.evictions != evictions:
+            self._refresh_usage()
+        return fits
+
     def _evicted(self, key: str) -> None:
         self.evictions += 1
         metrics.EVICTIONS.labels(self.name).inc()
