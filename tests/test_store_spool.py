@@ -191,6 +191,11 @@ async def test_with_no_room_on_disk_or_in_memory_the_spool_is_unwritable(tmp_pat
     spool.release()
     assert budget.used == 0 and list(tmp_path.iterdir()) == []
 
+    unbudgeted = Spool(digest_of(data), str(tmp_path), memory_limit=0, room=Room(free=0))
+    with pytest.raises(SpoolUnwritable):  # no budget (an upload's spool): memory is not unbounded
+        await write_all(unbudgeted, data)
+    unbudgeted.release()
+
     async def broken(size: int) -> bool:
         raise OSError("database or disk is full")
 

@@ -188,14 +188,14 @@ class Spool:
         self._room.expected = size
         if size <= self._memory_limit or await self._room.claim(size, 0):
             return
-        if self._budget is not None and not self._budget.fits(size):
+        if self._budget is None or not self._budget.fits(size):  # no budget: memory is not for it
             raise SpoolUnwritable(f"no room for {size} bytes on disk or in the spool's memory budget")
         self._memory_limit = sys.maxsize  # the budget still bounds it
 
     async def _keep_in_memory(self) -> None:
         """No room for the file: keep the blob in memory from now on, if it has no file yet."""
         block, size, self._pending, self._pending_size = self._pending, self._pending_size, [], 0
-        if self._memory is None or not self._reserve(size):
+        if self._memory is None or self._budget is None or not self._reserve(size):
             raise SpoolUnwritable(f"no room to spool {self.received + size} bytes, on disk or in memory")
         self._memory_limit = sys.maxsize  # the budget still bounds it
         await self._keep(block, size)
