@@ -19,8 +19,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from proxy import Composite, DiskTier
 from proxy.server.keys import STORE
 from tests.conftest import ProxyFactory, Upstream, make_blob, spool_files, write_config
+from tests.test_library import DictAPI
 
 Client = TestClient[web.Request, web.Application]
 MiB = 1 << 20
@@ -78,7 +80,7 @@ def chunked(request: web.Request, up: Upstream) -> Any:
         response = web.StreamResponse()
         response.enable_chunked_encoding()
         await response.prepare(request)
-        for offset in range(0, len(data), 64 << 10):
+        for offset in range(0, len(data) if request.method == "GET" else 0, 64 << 10):
             await response.write(data[offset : offset + (64 << 10)])
         await response.write_eof()
         return response
@@ -146,6 +148,8 @@ async def test_on_a_full_disk_a_range_a_small_blob_and_an_unknown_size_are_passe
     assert await get(client, small[1]) == (200, small[0], "MISS")
     assert await get(client, streamed[1]) == (200, streamed[0], "MISS")
     assert await get(client, streamed[1], Range="bytes=0-9") == (200, streamed[0], "MISS")  # size unknown
+    response = await client.head(f"/sha1/{streamed[1]}")  # the upstream's HEAD gives no size either
+    assert (response.status, await response.read()) == (200, b"")
     await client.app[STORE].wait_idle()
     sources_unharmed(client, "local", "origin")
     assert client.app[STORE].snapshot()["tiers"]["disk"]["entries"] == 0
@@ -241,3 +245,15 @@ def test_cache_check_removes_a_corrupt_entry_on_a_disk_filled_to_the_last_byte(
     assert json.loads(checked.stdout) == {"disk": {"checked": 2, "removed": [blobs[1][1]]}}
     checked = casproxy("cache", "check", "-c", config, cwd=tmp_path)
     assert (checked.returncode, json.loads(checked.stdout)) == (0, {"disk": {"checked": 1, "removed": []}})
+
+
+async def test_the_library_reads_a_blob_its_full_disk_cannot_hold(mount: Callable[[int], Path]) -> None:
+    small_disk = mount(16 * MiB)
+    data, digest = make_blob(6 * MiB)
+    origin = DictAPI({digest: data}, chunked=True)
+    async with Composite([DiskTier(str(small_disk / "cache")), origin], spool_memory=MiB) as store:
+        fill_up(small_disk)
+        assert await store.get(digest) == data
+        assert b"".join([chunk async for chunk in store.stream(digest)]) == data
+        await store.wait_idle()
+        assert (store.stats["api"].errors, store.breakers["api"].state) == (0, "closed")
