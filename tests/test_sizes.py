@@ -15,7 +15,7 @@ MAX_MODULE_LINES = 500
 
 # Over the limit for now, each with its owner and its next seam; remove the line with the split.
 ALLOWED = {
-    # 284 lines: the protocol over the package's parts (260 after the split, then room for spools
+    # 282 lines: the protocol over the package's parts (260 after the split, then room for spools
     # and the reserve); the access-time writer (into eviction.py) is the next seam.
     "proxy/tiers/disk/tier.py:DiskTier": "disk: the protocol over the package's parts",
     # Both grew past 250 with coalescing across instances (fleet); the Redis claim and wait could
