@@ -214,6 +214,12 @@ class Tier(ABC):
         """Remove the blob; True if it was there."""
         raise TierError(f"{self.name}: this {type(self).__name__} cannot delete")
 
+    async def make_room(self, size: int) -> bool:
+        """Free ``size`` bytes in ``state_dir``'s filesystem for the store's spool, which is about
+        to write them, keeping the tier's own floor (the disk cache evicts for its min_free);
+        False if it cannot."""
+        return True
+
     async def ready(self) -> bool:
         """Whether the tier can do its job now (a cache: be written); for /readyz."""
         return True

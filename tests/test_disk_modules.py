@@ -148,10 +148,20 @@ def test_make_room_evicts_least_recent_first_and_gives_up_when_nothing_is_left(t
             evicted=evicted.append,
         )
         assert fits and evicted == ["b", "c"]
+        # More than even an empty cache could take: nothing is evicted for it.
         assert not make_room(
             index, str(tmp_path), incoming=1 << 40, new_bytes=0, size_limit=base, min_free=0, evicted=evicted.append
         )
-        assert index.count() == 0
+        assert not make_room(
+            index, str(tmp_path), incoming=0, new_bytes=1 << 60, size_limit=1 << 30, min_free=0, evicted=evicted.append
+        )
+        assert index.count() == 1
+        # What fits once the others are gone makes them go.
+        limit = base + 20_000
+        assert make_room(
+            index, str(tmp_path), incoming=20_000, new_bytes=0, size_limit=limit, min_free=0, evicted=evicted.append
+        )
+        assert evicted == ["b", "c", "a"] and index.count() == 0
     finally:
         index.close()
 

@@ -15,13 +15,13 @@ MAX_MODULE_LINES = 500
 
 # Over the limit for now, each with its owner and its next seam; remove the line with the split.
 ALLOWED = {
-    # 260 lines after the disk package split: only the protocol over its parts is left; the
-    # access-time writer (into eviction.py) is the next seam if it grows.
+    # 282 lines: the protocol over the package's parts (260 after the split, then room for spools
+    # and the reserve); the access-time writer (into eviction.py) is the next seam.
     "proxy/tiers/disk/tier.py:DiskTier": "disk: the protocol over the package's parts",
     # Both grew past 250 with coalescing across instances (fleet); the Redis claim and wait could
     # move into a module of their own beside fill_locks.py.
     "proxy/store/composite.py:Composite": "fleet: 260 lines with the shared-cache wiring",
-    "proxy/store/fills.py:Fills": "fleet: 251 lines with the cross-instance claim",
+    "proxy/store/fills.py:Fills": "fleet: 265 lines with the cross-instance claim and spool room",
 }
 
 

@@ -12,7 +12,7 @@ import xxhash
 
 from proxy import DiskTier
 from proxy.errors import CorruptBlob
-from proxy.store.spool import HASH_INLINE_MAX, MemoryBudget, Spool, SpoolFailed
+from proxy.store.spool import HASH_INLINE_MAX, ROOM_STEP, MemoryBudget, Spool, SpoolFailed, SpoolUnwritable
 from proxy.tier import BytesBlob, FileBlob
 from tests.fakes import digest_of
 from tests.test_store_fills import until
@@ -125,3 +125,81 @@ async def test_the_disk_cache_commits_a_spooled_file_under_the_spools_checksum(t
         assert await blob.read() == data  # read back through its checksum check
     finally:
         await disk.close()
+
+
+class Room:
+    """A spool folder's owner that has room for ``free`` more bytes, and records each claim."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.claims: list[int] = []
+
+    async def __call__(self, size: int) -> bool:
+        self.claims.append(size)
+        return size <= self.free
+
+
+async def write_all(spool: Spool, data: bytes) -> None:
+    for offset in range(0, len(data), 64 << 10):
+        await spool.write(data[offset : offset + (64 << 10)])
+    await spool.finish()
+
+
+async def test_a_growing_file_claims_its_room_a_step_ahead_before_writing(tmp_path: Path) -> None:
+    data = os.urandom(2 * ROOM_STEP + 5)
+    room = Room(free=1 << 40)
+    spool = Spool(digest_of(data), str(tmp_path), memory_limit=0, room=room)
+    await write_all(spool, data)
+    assert spool.path is not None and spool.data is None
+    assert room.claims == [ROOM_STEP, ROOM_STEP, ROOM_STEP]  # size unknown: one claim per step
+    spool.release()
+
+    announced = Spool(digest_of(data), str(tmp_path), memory_limit=0, room=room)
+    await announced.expect(len(data))
+    await write_all(announced, data)
+    assert room.claims[3:] == [len(data)]  # size known: one claim for all of it
+    announced.release()
+
+
+async def test_with_no_room_on_disk_the_blob_is_kept_in_memory_within_the_budget(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    budget = MemoryBudget(4 << 20)
+    spool = Spool(digest_of(data), str(tmp_path), memory_limit=1 << 20, budget=budget, room=Room(free=0))
+    await write_all(spool, data)  # size unknown: it learns at its first flush
+    assert (spool.data, spool.path, budget.used) == (data, None, len(data))
+    spool.release()
+    assert budget.used == 0
+
+    announced = Spool(digest_of(data), str(tmp_path), memory_limit=0, budget=budget, room=Room(free=0))
+    await announced.expect(len(data))
+    await write_all(announced, data)
+    assert announced.data == data and list(tmp_path.iterdir()) == []
+    announced.release()
+
+
+async def test_with_no_room_on_disk_or_in_memory_the_spool_is_unwritable(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    budget = MemoryBudget(2 << 20)
+    spool = Spool(digest_of(data), str(tmp_path), memory_limit=0, budget=budget, room=Room(free=0))
+    with pytest.raises(SpoolUnwritable):
+        await spool.expect(len(data))  # known at once: nothing is written
+    spool.release()
+
+    spool = Spool(digest_of(data), str(tmp_path), memory_limit=1 << 20, budget=budget, room=Room(free=0))
+    with pytest.raises(SpoolUnwritable):
+        await write_all(spool, data)
+    spool.release()
+    assert budget.used == 0 and list(tmp_path.iterdir()) == []
+
+    unbudgeted = Spool(digest_of(data), str(tmp_path), memory_limit=0, room=Room(free=0))
+    with pytest.raises(SpoolUnwritable):  # no budget (an upload's spool): memory is not unbounded
+        await write_all(unbudgeted, data)
+    unbudgeted.release()
+
+    async def broken(size: int) -> bool:
+        raise OSError("database or disk is full")
+
+    spool = Spool(digest_of(data), str(tmp_path), memory_limit=0, room=broken)
+    with pytest.raises(SpoolUnwritable):  # the room's owner failing is this machine failing
+        await write_all(spool, data)
+    spool.release()

@@ -12,6 +12,8 @@ from proxy.server.bodies import read_json_object
 from proxy.server.keys import CONFIG, SERVICE, STORE
 from proxy.server.responses import SendfileResponse, etag_matches, parse_range, range_header, send_stream
 from proxy.store.composite import Composite
+from proxy.store.fills import Uncacheable
+from proxy.store.opened import Opened
 from proxy.tier import Blob, BytesBlob, FileBlob
 
 MAX_MISSING_QUERY = 10_000
@@ -92,11 +94,36 @@ async def _read(request: web.Request, store: Composite, digest: Digest) -> web.S
             if opened.size is not None:
                 response.content_length = opened.size
             return await send_stream(request, response, opened.chunks())
-        blob = await opened.verified()
+        try:
+            blob = await opened.verified()
+        except Uncacheable:
+            return await _pass_through(request, opened, digest)
         headers = _headers(digest, opened.tier, opened.hit)
     finally:
         await opened.close()
     return await _send_blob(request, blob, headers)
+
+
+async def _pass_through(request: web.Request, opened: Opened, digest: Digest) -> web.StreamResponse:
+    """A blob this machine cannot hold whole (its disk and spool memory are full), passed through
+    from its tier instead of a 507 (SPEC 4). The last byte waits for the whole blob to verify, so
+    a bad copy is a cut connection (SPEC 5.1); a range is cut from the stream. Without a known
+    size, a Range is ignored: a whole 200 answers it (RFC 9110 14.2)."""
+    response = web.StreamResponse(headers=_headers(digest, opened.tier, opened.hit))
+    size = opened.size
+    start, end = 0, size
+    span = None if size is None else parse_range(range_header(request, f'"{digest}"'), size)
+    if span is not None:
+        start, end = span
+        response.set_status(206)
+        response.headers["Content-Range"] = f"bytes {start}-{span[1] - 1}/{size}"
+    if end is not None:
+        response.content_length = end - start
+    if request.method == "HEAD":
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    return await send_stream(request, response, opened.chunks(start, end))
 
 
 async def _head(request: web.Request, store: Composite, digest: Digest) -> web.StreamResponse | None:

@@ -69,7 +69,7 @@ class Composite:
             tier = ApiTier(tier)
         self._walk.append(tier)
         if tier.state_dir is not None:
-            self._fills.use_state_dir(tier.state_dir)
+            self._fills.use_state_dir(tier)
         return tier
 
     def append_source(self, tier: Tier | APIOrigin) -> Tier:

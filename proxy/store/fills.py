@@ -26,7 +26,7 @@ from proxy.store.claims import Claim, Claims
 from proxy.store.fill_locks import FillLocks
 from proxy.store.negative import NegativeCache
 from proxy.store.pace import paced
-from proxy.store.spool import HASH_INLINE_MAX, MemoryBudget, Spool, SpoolFailed, SpoolUnwritable
+from proxy.store.spool import HASH_INLINE_MAX, MemoryBudget, Room, Spool, SpoolFailed, SpoolUnwritable
 from proxy.store.walk import Skipped, Walk
 from proxy.tier import Tier
 
@@ -37,7 +37,8 @@ FILL_LOCKS = "fills.lock"  # in the state folder: see proxy.store.fill_locks
 
 
 class Uncacheable(InsufficientStorage):
-    """A tier has the blob but this machine cannot spool it: its readers get it passed through."""
+    """A tier has the blob but this machine can hold it neither on disk nor in memory: its
+    readers get it passed through (``Opened.chunks``), never whole (``Opened.verified``)."""
 
 
 class InTrustedTier(Exception):
@@ -127,6 +128,7 @@ class Fills:
         self.negative = negative
         self.claims = claims
         self.spool_dir: str | None = None
+        self.room: Room | None = None  # makes room in spool_dir as a spool grows (its tier's)
         self.locks: FillLocks | None = None
         self.coalesced = 0
         self._budget = MemoryBudget(spool_memory)
@@ -136,12 +138,15 @@ class Fills:
     def __len__(self) -> int:
         return len(self._fills)
 
-    def use_state_dir(self, state_dir: str) -> None:
-        """Spool into, and lock fills through, a tier's private folder (the first one offered)."""
+    def use_state_dir(self, tier: Tier) -> None:
+        """Spool into, and lock fills through, a tier's private folder (the first one offered);
+        the tier makes room there as spools grow (the disk cache evicts)."""
+        assert tier.state_dir is not None
         if self.spool_dir is None:
-            self.spool_dir = os.path.join(state_dir, SPOOL_DIR, str(os.getpid()))
+            self.spool_dir = os.path.join(tier.state_dir, SPOOL_DIR, str(os.getpid()))
+            self.room = tier.make_room
         if self.locks is None:
-            self.locks = FillLocks(os.path.join(state_dir, FILL_LOCKS))
+            self.locks = FillLocks(os.path.join(tier.state_dir, FILL_LOCKS))
 
     async def join(self, digest: Digest, *, cache: bool = True) -> Fill:
         """Attach to the digest's fill, started if none runs, once its copy starts arriving.
@@ -323,10 +328,14 @@ class Fills:
             fill.spool.release()
         # A blob known to be larger goes to the file from its first byte, not via memory.
         memory = SPOOL_MEMORY_ITEM if blob.size is None or blob.size <= SPOOL_MEMORY_ITEM else 0
-        spool = Spool(fill.digest, self.spool_dir, memory, max_size=self.max_blob_size, budget=self._budget)
+        spool = Spool(
+            fill.digest, self.spool_dir, memory, max_size=self.max_blob_size, budget=self._budget, room=self.room
+        )
         fill.spool, fill.tier, fill.expected_size = spool, tier, blob.size
         fill.started.set()
         try:
+            if blob.size is not None:
+                await spool.expect(blob.size)
             async for chunk in paced(blob.chunks(), tier.name, tier.timeout, tier.min_rate):
                 await spool.write(chunk)
             if blob.size is not None and spool.received != blob.size:
@@ -339,7 +348,7 @@ class Fills:
             return None
         except SpoolUnwritable as error:  # this machine's fault: never charged to the tier
             spool.fail(error)
-            log.error("could not spool %s from %s, serving it uncached: %s", fill.digest, tier.name, error)
+            log.error("could not spool %s from %s, passing it through uncached: %s", fill.digest, tier.name, error)
             # Every later tier would meet the same full disk: the walk ends here.
             raise Uncacheable(f"{fill.digest} cannot be kept here now ({error})") from error
         except Exception as error:  # noqa: BLE001 - anything from a tier is that tier failing

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 from proxy.digest import Digest
-from proxy.store.fills import Fill
+from proxy.store.fills import Fill, Uncacheable
 from proxy.tier import Blob
 
 
@@ -28,7 +28,8 @@ class Opened(ABC):
     async def verified(self) -> Blob:
         """The whole blob once verified: in memory (BytesBlob) or a local file (FileBlob, for
         sendfile). The caller owns it: close it, or hand it to what closes it. Raises NotFound
-        or UpstreamFailed when no tier had a good copy."""
+        or UpstreamFailed when no tier had a good copy, and Uncacheable when this machine can
+        hold it neither on disk nor in memory: ``chunks`` then passes it through."""
 
     @abstractmethod
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
@@ -45,7 +46,11 @@ class Opened(ABC):
 
     async def read(self) -> bytes:
         """All the bytes, verified."""
-        return await (await self.verified()).read()
+        try:
+            blob = await self.verified()
+        except Uncacheable:  # the caller wants them in memory anyway; the last chunk is verified
+            return b"".join([chunk async for chunk in self.chunks()])
+        return await blob.read()
 
     async def __aenter__(self) -> Opened:
         return self

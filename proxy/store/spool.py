@@ -3,6 +3,10 @@ temp file when large, readable by many readers while it is still growing.
 
 Readers share the spool by reference (``acquire``/``release``): the temp file is removed when
 the last one lets go, so a commit into the cache can never pull it from under a reader.
+
+Given ``room``, the file never grows unnoticed: room is claimed before its bytes are written
+(SPEC 3 min_free). When the filesystem has none, the blob is kept in memory instead as far as
+the budget allows; past that the spool fails with SpoolUnwritable (readers pass it through).
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import BinaryIO
 
 import xxhash
@@ -26,6 +31,12 @@ SPOOL_PREFIX = "spool-"
 # Bytes hashed on the loop at most at once (~0.1 ms of SHA-1); more go to the executor.
 HASH_INLINE_MAX = 256 << 10
 _IOV_MAX = 1024  # buffers one writev takes at most (Linux's IOV_MAX)
+# Room for a file of unknown final size is claimed this far ahead: one claim (an executor hop,
+# maybe evictions) per step, not per write.
+ROOM_STEP = 8 << 20
+# Makes room for this many more bytes on the spool's filesystem (the disk cache evicts to keep its
+# min_free, SPEC 3); False when it cannot.
+Room = Callable[[int], Awaitable[bool]]
 
 
 class MemoryBudget:
@@ -37,6 +48,9 @@ class MemoryBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+
+    def fits(self, size: int) -> bool:
+        return self.used + size <= self.limit
 
     def take(self, size: int) -> bool:
         if self.used + size > self.limit:
@@ -57,6 +71,33 @@ class SpoolFailed(Exception):
     """The bytes being spooled turned out bad or stopped coming; readers must abort."""
 
 
+class FileRoom:
+    """The room a spool's file may grow into, claimed from the folder's owner (the disk cache,
+    which evicts to keep its min_free) before the bytes are written: all at once when the tier
+    announced the size, else a step ahead."""
+
+    def __init__(self, room: Room | None, directory: str | None) -> None:
+        self.expected: int | None = None  # the size the tier announced, if it did
+        self._room = room
+        self._directory = directory
+        self._granted = 0  # the file size room was made for
+
+    async def claim(self, size: int, on_disk: int) -> bool:
+        """Room for a file of ``size`` bytes, ``on_disk`` of which it holds already."""
+        if self._room is None or size <= self._granted:
+            return True
+        wants = [max(size, self.expected or self._granted + ROOM_STEP), size]
+        for want in dict.fromkeys(wants):  # the step ahead, else just what this write needs
+            try:
+                made = await self._room(want - on_disk)
+            except Exception as error:  # this machine failing, never the tier it reads
+                raise SpoolUnwritable(f"cannot make room in {self._directory}: {error!r}") from error
+            if made:
+                self._granted = want
+                return True
+        return False
+
+
 class Spool:
     """Write-once buffer for one blob. ``finish()`` verifies the digest; until then readers
     may tail it (``chunks``) and must treat SpoolFailed as "abort what you sent"."""
@@ -69,6 +110,7 @@ class Spool:
         max_size: int | None = None,
         algorithm: Algorithm = "sha1",
         budget: MemoryBudget | None = None,
+        room: Room | None = None,
     ) -> None:
         # With no digest to check against (POST uploads), finish() names the blob instead.
         self.expected = digest
@@ -82,6 +124,7 @@ class Spool:
         self._budget = budget
         self._reserved = 0  # bytes of the budget this spool holds
         self._max_size = max_size
+        self._room = FileRoom(room, directory)
         self._hasher = hashlib.new(digest.algorithm if digest else algorithm)
         # The disk cache's checksum of the same bytes (SPEC 4), so committing a spooled file does
         # not read it again: xxh3 costs a few percent of the digest's time.
@@ -107,13 +150,7 @@ class Spool:
         if self._max_size is not None and received > self._max_size:
             raise TooLarge(f"more than {self._max_size} bytes")
         if self._memory is not None and received <= self._memory_limit and self._reserve(len(chunk)):
-            self._memory += chunk
-            self.size += len(chunk)
-            self._notify()
-            self._unhashed.append(chunk)
-            self._unhashed_size += len(chunk)
-            if self._unhashed_size >= HASH_INLINE_MAX:
-                await self._hash_unhashed()
+            await self._keep([chunk], len(chunk))
             return
         # Network bodies arrive in small pieces: gather a block before each hop to the executor.
         self._pending.append(chunk)
@@ -126,6 +163,18 @@ class Spool:
         """Bytes written so far, including those not yet visible to readers."""
         return self.size + self._pending_size
 
+    async def _keep(self, chunks: list[bytes], size: int) -> None:
+        """Keep bytes (reserved from the budget) in memory: readers see them at once."""
+        assert self._memory is not None
+        for chunk in chunks:
+            self._memory += chunk
+        self.size += size
+        self._notify()
+        self._unhashed += chunks
+        self._unhashed_size += size
+        if self._unhashed_size >= HASH_INLINE_MAX:
+            await self._hash_unhashed()
+
     async def _hash_unhashed(self) -> None:
         chunks, self._unhashed, size, self._unhashed_size = self._unhashed, [], self._unhashed_size, 0
         if size < HASH_INLINE_MAX:
@@ -133,7 +182,28 @@ class Spool:
         else:
             await run(_update_all, self._hasher, self._fast, chunks)
 
+    async def expect(self, size: int) -> None:
+        """The tier announced ``size`` bytes: claim room for all of them, else keep them in memory
+        if the budget can; else SpoolUnwritable (SPEC 4: the blob is passed through uncached)."""
+        self._room.expected = size
+        if size <= self._memory_limit or await self._room.claim(size, 0):
+            return
+        if self._budget is None or not self._budget.fits(size):  # no budget: memory is not for it
+            raise SpoolUnwritable(f"no room for {size} bytes on disk or in the spool's memory budget")
+        self._memory_limit = sys.maxsize  # the budget still bounds it
+
+    async def _keep_in_memory(self) -> None:
+        """No room for the file: keep the blob in memory from now on, if it has no file yet."""
+        block, size, self._pending, self._pending_size = self._pending, self._pending_size, [], 0
+        if self._memory is None or self._budget is None or not self._reserve(size):
+            raise SpoolUnwritable(f"no room to spool {self.received + size} bytes, on disk or in memory")
+        self._memory_limit = sys.maxsize  # the budget still bounds it
+        await self._keep(block, size)
+
     async def _flush(self) -> None:
+        if not await self._room.claim(self.received, 0 if self._memory is not None else self.size):
+            await self._keep_in_memory()
+            return
         await self._hash_unhashed()  # the bytes kept in memory so far come first
         block, size, self._pending, self._pending_size = self._pending, self._pending_size, [], 0
         loop = asyncio.get_running_loop()

@@ -38,15 +38,23 @@ def make_room(
     evicted: Callable[[str], None],
 ) -> bool:
     """Evict least recently used entries, one at a time, until ``incoming`` bytes fit under
-    ``size_limit`` and writing ``new_bytes`` leaves ``min_free``; False if that cannot be done."""
-    while True:
-        over = index.volume() + incoming - size_limit
-        if min_free:
-            over = max(over, min_free + new_bytes - shutil.disk_usage(folder).free)
-        if over <= 0:
-            return True
+    ``size_limit`` and writing ``new_bytes`` leaves ``min_free``; False if that cannot be done,
+    and then nothing is evicted when even an empty cache could not take them. (With ``min_free``
+    0 the bytes must still fit: a cache that filled its disk makes room.)"""
+    floor = min_free + new_bytes  # free space wanted before the bytes are written
+    volume, free = index.volume(), _free(folder, floor)
+    if incoming > size_limit or volume + free < floor:
+        return False
+    while volume + incoming > size_limit or free < floor:
         key = index.least_recent()
         if key is None:
             return False
         if index.delete(key):
             evicted(key)
+        volume, free = index.volume(), _free(folder, floor)
+    return True
+
+
+def _free(folder: str, floor: int) -> int:
+    """The filesystem's free space; not asked (a statvfs) when no floor is wanted."""
+    return shutil.disk_usage(folder).free if floor else 0

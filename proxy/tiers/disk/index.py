@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import diskcache
 
 from proxy.liveness import temp_prefix
+from proxy.tiers.disk import reserve
 
 VALUE_SUFFIX = ".val"  # diskcache's name for the file of a large value
 # SQLite's page cache, per connection: diskcache opens one per thread and handle (2 handles x
@@ -78,6 +79,7 @@ class Index:
 
     def __init__(self, path: str, size_limit: int, file_threshold: int) -> None:
         self.path = path
+        reserve.release_if_short(path)  # opening writes (see reserve.py)
         self._cache = diskcache.Cache(
             path,
             disk=RawDisk,
@@ -118,6 +120,7 @@ class Index:
         self._cache._sql("UPDATE Cache SET tag = ? WHERE key = ? AND raw = 1", (checksum, key))
 
     def delete(self, key: str) -> bool:
+        reserve.release_if_short(self.path)  # a full disk must still free space
         return bool(self._cache.delete(key))
 
     def touch(self, keys: Iterable[str]) -> None:

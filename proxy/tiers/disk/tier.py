@@ -24,7 +24,7 @@ from proxy.digest import Digest
 from proxy.errors import ConfigError, TierError
 from proxy.store.spool import SPOOL_PREFIX
 from proxy.tier import Blob, BytesBlob, FileBlob, Payload, Role, Stat, Tier, Usage
-from proxy.tiers.disk import integrity, recovery
+from proxy.tiers.disk import integrity, recovery, reserve
 from proxy.tiers.disk.eviction import AccessTimes, make_room
 from proxy.tiers.disk.generation import Generation
 from proxy.tiers.disk.hot import HotCache
@@ -98,12 +98,14 @@ class DiskTier(Tier):
                 f"tier {self.name!r}: {self.path} is writable by others; the cache directory "
                 "must be private (chmod 700) since its database is trusted"
             )
+        reserve.release_if_short(self.path)  # below, folders and the index's files are made
         self.spool_dir = recovery.claim_spool(self.path)
         self._index = Index(self.path, self.size_limit, self._file_threshold)
         self._reads = CheckedReads(self.name, self._index, self.hot, self._access, self._refresh_usage)
         self._generation = Generation(self.path)
         self.hot.clear(self._generation.current())
         self._refresh_usage()
+        reserve.restore(self.path)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -135,6 +137,7 @@ class DiskTier(Tier):
         if keys:
             self.index.touch(keys)
         self._refresh_usage()
+        reserve.restore(self.path)  # given up when the disk was full, taken again once it is not
 
     async def _sweep(self, started: float) -> None:
         try:
@@ -239,6 +242,26 @@ class DiskTier(Tier):
             self.index.set_file(digest, path, checksum)
         self._refresh_usage()
 
+    async def make_room(self, size: int) -> bool:
+        return await run_on(self._executor, self._make_room, size)
+
+    def _make_room(self, size: int) -> bool:
+        """Room for a spool file about to grow by ``size`` bytes: its space is taken as it is
+        written (a commit only links it), so min_free is kept from the first byte."""
+        evictions = self.evictions
+        fits = make_room(
+            self.index,
+            self.path,
+            incoming=0,
+            new_bytes=size,
+            size_limit=self.size_limit,
+            min_free=self.min_free,
+            evicted=self._evicted,
+        )
+        if self.evictions != evictions:
+            self._refresh_usage()
+        return fits
+
     def _evicted(self, key: str) -> None:
         self.evictions += 1
         metrics.EVICTIONS.labels(self.name).inc()
@@ -259,6 +282,7 @@ class DiskTier(Tier):
         assert self._generation is not None
         self._generation.bump()
         self._refresh_usage()
+        reserve.restore(self.path)
 
     async def check(self) -> tuple[int, list[str]]:
         """Hash every entry again and remove the ones whose bytes no longer match their name
