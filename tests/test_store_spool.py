@@ -75,6 +75,28 @@ async def test_a_reader_tails_the_spool_but_gets_the_last_byte_only_once_verifie
     spool.release()
 
 
+async def test_a_range_reader_gets_its_last_byte_only_once_the_whole_blob_verified() -> None:
+    """A range that ends before the blob does is a complete answer too: its last byte waits."""
+    data = os.urandom(5000)
+    spool = Spool(digest_of(data), memory_limit=1 << 20)
+    received = bytearray()
+
+    async def read() -> None:
+        async for chunk in spool.chunks(100, 200):
+            received.extend(chunk)
+
+    reader = asyncio.create_task(read())
+    await spool.write(data[:3000])
+    await until(lambda: len(received) == 99)
+    await spool.write(data[3000:])
+    await asyncio.sleep(0.01)  # more bytes arrived; still no last byte
+    assert len(received) == 99 and not reader.done()
+    await spool.finish()
+    await reader
+    assert bytes(received) == data[100:200]
+    spool.release()
+
+
 async def test_wrong_bytes_fail_the_spool_and_its_readers() -> None:
     spool = Spool(digest_of(b"expected"), memory_limit=1 << 20)
     failed = asyncio.Event()

@@ -329,9 +329,10 @@ class Spool:
                 raise SpoolFailed(str(self.failed)) from self.failed
             stop = self.size if end is None else min(end, self.size)
             if not self.verified:
-                # Hold back the last byte until the digest is checked: a client must never get a
-                # complete body (all of Content-Length) of bytes that turn out wrong.
-                stop = min(stop, self.size - 1)
+                # Hold back the answer's last byte until the digest is checked: a client must
+                # never get a complete body (all of Content-Length) of bytes that turn out wrong,
+                # a range that ends before the blob does included.
+                stop = min(stop, self.size - 1, stop if end is None else end - 1)
             if offset < stop:
                 count = min(CHUNK_SIZE, stop - offset)
                 if self._frozen is not None:
