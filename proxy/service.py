@@ -81,7 +81,7 @@ def build_service(config: Config, store: Composite | None = None) -> Service:
     queue = ReplicationQueue(queue_path, {tier.name: tier for tier in targets[1:]})
     signer = Signer(load_secret(config.auth.ticket_secret, state), config.server.base_url, config.auth.ticket_ttl)
     max_size = config.server.max_upload_size
-    uploader = Uploader(store, targets, queue, max_size, store.spool_dir)
+    uploader = Uploader(store, targets, queue, max_size, store.spool_dir, store.spool_room)
     bulk: BucketBulkData | SelfBulkData = SelfBulkData(signer, os.path.join(state, "bulk-data"), max_size)
     if config.uploads.bulk_data_tier:  # an s3 tier, as the config check made sure
         from proxy.tiers.s3 import S3Tier

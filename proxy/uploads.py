@@ -14,7 +14,7 @@ from proxy.digest import Algorithm, Digest
 from proxy.errors import CorruptBlob, DigestMismatch, Forbidden, InsufficientStorage, TierError, UpstreamFailed
 from proxy.replication import ReplicationQueue
 from proxy.store.composite import Composite
-from proxy.store.spool import Spool, SpoolUnwritable
+from proxy.store.spool import Room, Spool, SpoolUnwritable
 from proxy.tier import Tier
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,14 @@ class Uploader:
         queue: ReplicationQueue | None,
         max_size: int,
         spool_dir: str | None = None,
+        room: Room | None = None,
     ) -> None:
         self.store = store
         self.targets = targets
         self.queue = queue
         self.max_size = max_size
         self.spool_dir = spool_dir
+        self.room = room  # a body larger than memory is spooled there; the disk cache evicts for it
 
     async def receive(
         self, chunks: AsyncIterator[bytes], digest: Digest | None = None, algorithm: Algorithm = "sha1"
@@ -50,7 +52,11 @@ class Uploader:
         if not self.targets:
             raise Forbidden("uploads are disabled: no tier can store them (set uploads.targets)")
         spool = Spool(
-            digest, self.spool_dir, max_size=self.max_size, algorithm=digest.algorithm if digest else algorithm
+            digest,
+            self.spool_dir,
+            max_size=self.max_size,
+            algorithm=digest.algorithm if digest else algorithm,
+            room=self.room,
         )
         try:
             async for chunk in chunks:

@@ -123,6 +123,26 @@ async def test_a_fill_evicts_older_entries_as_its_spool_grows_and_is_cached(
     assert spool_files(cache) == []
 
 
+async def test_an_upload_spooled_to_a_file_evicts_older_entries_to_make_room(
+    make_proxy: ProxyFactory, mount: Callable[[int], Path]
+) -> None:
+    """The sidecar's usual shape: the disk cache is the upload target. A body larger than memory
+    is spooled in the cache's folder; the cache evicts for it rather than answering 507."""
+    cache = mount(16 * MiB) / "cache"
+    client = await make_proxy([disk(cache, min_free="1 MiB")], uploads={"targets": ["disk"]})
+    old = [make_blob(3 * MiB) for _ in range(3)]
+    for data, digest in old:
+        assert (await client.put(f"/sha1/{digest}", data=data)).status == 201
+    free = os.statvfs(cache).f_bavail * os.statvfs(cache).f_frsize
+    big, big_digest = make_blob(free + MiB)  # more than the disk has free with the three stored
+    assert len(big) > 2 * MiB  # larger than memory: spooled to a file
+    response = await client.put(f"/sha1/{big_digest}", data=big)
+    assert response.status == 201, await response.text()
+    assert await get(client, big_digest) == (200, big, "HIT")
+    assert client.app[STORE].snapshot()["tiers"]["disk"]["evictions"] >= 2
+    assert spool_files(cache) == []
+
+
 async def test_on_a_full_disk_a_range_a_small_blob_and_an_unknown_size_are_passed_through(
     make_proxy: ProxyFactory, upstream: Callable[..., Any], mount: Callable[[int], Path], tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ from proxy.store.claims import Claims
 from proxy.store.fills import Fills, InTrustedTier
 from proxy.store.negative import NegativeCache
 from proxy.store.opened import Arriving, Found, Opened
+from proxy.store.spool import Room
 from proxy.store.stats import TierMeter, TierStats
 from proxy.store.walk import CorruptCopies, Skipped, Walk
 from proxy.tier import BytesBlob, FileBlob, Payload, Stat, Tier
@@ -101,6 +102,11 @@ class Composite:
     @property
     def spool_dir(self) -> str | None:
         return self._fills.spool_dir
+
+    @property
+    def spool_room(self) -> Room | None:
+        """How a spool in ``spool_dir`` makes room as its file grows (the disk cache evicts)."""
+        return self._fills.room
 
     def tier(self, name: str) -> Tier:
         for tier in self.tiers:
