@@ -117,6 +117,18 @@ def vm_rss(pid: int) -> int:
     return _proc_status_kib(pid, "VmRSS") * KiB
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and all its descendants (nginx's and Varnish's
+    workers, casproxy's worker processes), every thread included."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += cpu_seconds(int(child))
+    return total
+
+
 def _proc_status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):

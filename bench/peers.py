@@ -33,7 +33,18 @@ from typing import Any
 
 import aiohttp
 import requests
-from harness import PROCESSES, MiB, Server, child_env, free_port, log, sha1_hex, vm_peak_rss, wait_until_ok
+from harness import (
+    PROCESSES,
+    MiB,
+    Server,
+    child_env,
+    cpu_seconds,
+    free_port,
+    log,
+    sha1_hex,
+    vm_peak_rss,
+    wait_until_ok,
+)
 from loadgen import rotation_script, run_wrk
 
 SERVER_CPUS = "0"
@@ -172,18 +183,27 @@ class Row:
 
 def wrk_rounds(
     servers: Sequence[Server], paths: Sequence[str], workdir: Path, rounds: int, duration: float, metric: str
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Medians of ``metric`` and of the server's CPU time per request (µs, its whole process
+    tree): on a shared machine the second barely moves when the first swings with the load."""
     script = rotation_script(workdir / f"rotate-{len(paths)}-{paths[0][-8:]}.lua", list(paths))
     for server in servers:  # a discarded warm-up each: page cache, memory caches, connections
         run_wrk_pinned(server.url, script, 1)
     results: dict[str, list[float]] = {s.name: [] for s in servers}
+    cpu: dict[str, list[float]] = {s.name: [] for s in servers}
     for _ in range(rounds):
         for server in servers:
+            began = cpu_seconds(server.pid)
             run = run_wrk_pinned(server.url, script, duration)
             if run.errors:
                 log(f"    {server.name}: {run.errors} errors")
             results[server.name].append(getattr(run, metric))
-    return {name: statistics.median(values) for name, values in results.items()}
+            cpu[server.name].append((cpu_seconds(server.pid) - began) / max(run.requests, 1) * 1e6)
+    return _medians(results), _medians(cpu)
+
+
+def _medians(values: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(numbers) for name, numbers in values.items()}
 
 
 def run_wrk_pinned(url: str, script: Path, duration: float) -> Any:
@@ -291,7 +311,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
         metric = "requests_per_s" if size < MiB else "mib_per_s"
         unit = "req/s" if size < MiB else "MiB/s"
         servers = [nginx_static, hot, slow, pcache, varnishd]
-        values = wrk_rounds(servers, paths, workdir, rounds, duration, metric)
+        values, cpu = wrk_rounds(servers, paths, workdir, rounds, duration, metric)
         rows.append(
             Row(
                 f"hot hit {label}",
@@ -301,9 +321,10 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
                 {"4 KiB": ">= 0.8", "1 MiB": ">= 1.2", "10 MiB": ">= 1.0"}[label],
             )
         )
-        log(f"  {label}: " + ", ".join(f"{k} {v:,.0f}" for k, v in values.items()))
+        rows.append(Row(f"  server CPU per {label} hit", "µs", _named(cpu), "nginx static", "", False))
+        log(f"  {label}: " + ", ".join(f"{k} {v:,.0f} ({cpu[k]:,.0f} µs CPU)" for k, v in values.items()))
     paths = [f"/sha1/{write_blob(blobs, MiB)}" for _ in range(4)]
-    values = wrk_rounds([nginx_static, disk_only], paths, workdir, rounds, duration, "mib_per_s")
+    values, cpu = wrk_rounds([nginx_static, disk_only], paths, workdir, rounds, duration, "mib_per_s")
     rows.append(
         Row(
             "hit on disk, not in memory, 1 MiB",
@@ -311,6 +332,16 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
             {"nginx static": values["nginx"], "casproxy": values["casproxy disk"]},
             "nginx static",
             ">= 0.8",
+        )
+    )
+    rows.append(
+        Row(
+            "  server CPU per such hit",
+            "µs",
+            {"nginx static": cpu["nginx"], "casproxy": cpu["casproxy disk"]},
+            "nginx static",
+            "",
+            False,
         )
     )
     for server in (hot, slow, disk_only, nginx_static):
@@ -359,7 +390,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
     one = ready(casproxy(workdir, "casproxy workers=1", fs, cpus=None), probe)
     two = ready(casproxy(workdir, "casproxy workers=2", fs, cpus=None, workers=2), probe)
     paths = [f"/sha1/{write_blob(blobs, 4 << 10)}" for _ in range(4)]
-    values = wrk_rounds([one, two], paths, workdir, rounds, duration, "requests_per_s")
+    values, _ = wrk_rounds([one, two], paths, workdir, rounds, duration, "requests_per_s")
     rows.append(
         Row(
             "4 KiB hot hits, workers=2 vs workers=1",
