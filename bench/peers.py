@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -185,21 +186,31 @@ def wrk_rounds(
     servers: Sequence[Server], paths: Sequence[str], workdir: Path, rounds: int, duration: float, metric: str
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Medians of ``metric`` and of the server's CPU time per request (µs, its whole process
-    tree): on a shared machine the second barely moves when the first swings with the load."""
+    tree): on a shared machine the second barely moves when the first swings with the load.
+    Logs how busy wrk's core was: near 100 %, the client, not the server, set the pace."""
     script = rotation_script(workdir / f"rotate-{len(paths)}-{paths[0][-8:]}.lua", list(paths))
     for server in servers:  # a discarded warm-up each: page cache, memory caches, connections
         run_wrk_pinned(server.url, script, 1)
     results: dict[str, list[float]] = {s.name: [] for s in servers}
     cpu: dict[str, list[float]] = {s.name: [] for s in servers}
+    client: dict[str, list[float]] = {s.name: [] for s in servers}
     for _ in range(rounds):
         for server in servers:
-            began = cpu_seconds(server.pid)
+            began, wrk_began = cpu_seconds(server.pid), _children_cpu()
             run = run_wrk_pinned(server.url, script, duration)
             if run.errors:
                 log(f"    {server.name}: {run.errors} errors")
             results[server.name].append(getattr(run, metric))
             cpu[server.name].append((cpu_seconds(server.pid) - began) / max(run.requests, 1) * 1e6)
+            client[server.name].append((_children_cpu() - wrk_began) / max(round(duration), 1) * 100)
+    log("    wrk's core busy: " + ", ".join(f"{name} {busy:.0f} %" for name, busy in _medians(client).items()))
     return _medians(results), _medians(cpu)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (wrk runs are waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _medians(values: dict[str, list[float]]) -> dict[str, float]:
