@@ -5,12 +5,14 @@ alike, text and JSON; and when the process stops, no line is lost."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy.server.accesslog import AccessLog, AccessLogger, JsonAccessLogger
 from tests.conftest import free_port, make_blob, write_config
 from tests.processes import ProxyProcess, wait_until
 
@@ -61,3 +63,12 @@ async def test_every_request_has_its_line_on_both_paths(tmp_path: Path, log_form
         assert [r["id"] for r in got] == ids
         assert {r["user_agent"] for r in got} == {'probe "1"'} and {r["tier"] for r in got} == {"disk"}
         assert records[-1]["status"] == 404
+
+
+def test_every_connection_writes_into_the_one_access_log_of_its_logger() -> None:
+    """aiohttp makes an access logger per connection: they must share one batch (and one exit
+    flush), not add a buffer, a timer and an atexit hook per connection."""
+    logger = logging.getLogger("test.access.shared")
+    first, second = AccessLogger(logger, ""), AccessLogger(logger, "")
+    assert first.lines is second.lines is AccessLog.of(logger, json_format=False)
+    assert JsonAccessLogger(logger, "").lines is not first.lines  # another format, another log

@@ -92,7 +92,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def __init__(self, logger: logging.Logger, log_format: str) -> None:
         super().__init__(logger, log_format)
-        self.lines = AccessLog(logger, json_format=self.json_format)
+        self.lines = AccessLog.of(logger, json_format=self.json_format)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields: dict[str, Any] = {
@@ -129,8 +129,19 @@ class AccessLog:
         self.queue, self.formatter = _batching(logger)
         self.lines: list[str] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_loop: asyncio.AbstractEventLoop | None = None
         if self.queue is not None:
             atexit.register(self.flush)  # runs before the log thread stops: registered after it
+
+    @classmethod
+    def of(cls, logger: logging.Logger, *, json_format: bool) -> AccessLog:
+        """The one AccessLog of ``logger``: aiohttp makes an access logger per connection, and
+        the lines of all of them, and of the fast path, share one batch."""
+        key = (logger.name, json_format)
+        shared = _SHARED.get(key)
+        if shared is None or shared.logger is not logger:
+            shared = _SHARED[key] = cls(logger, json_format=json_format)
+        return shared
 
     def write(self, fields: dict[str, Any]) -> None:
         """Log one request's ``fields`` (the keys of TEXT_LINE); called on the event loop."""
@@ -146,8 +157,10 @@ class AccessLog:
         self.lines.append(self.formatter.render(self.logger.name, message))
         if len(self.lines) >= BATCH_LINES:
             self.flush()
-        elif self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+        else:
+            loop = asyncio.get_running_loop()
+            if self.timer is None or self.timer_loop is not loop:  # (a timer of a closed loop never fires)
+                self.timer, self.timer_loop = loop.call_later(FLUSH_SECONDS, self.flush), loop
 
     def flush(self) -> None:
         """Hand the lines written so far to the log thread, as one record."""
@@ -161,6 +174,7 @@ class AccessLog:
             self.queue.put(record)
 
 
+_SHARED: dict[tuple[str, bool], AccessLog] = {}
 _QUOTED: dict[str, str] = {}  # clients send the same few User-Agents: quote each once
 
 

@@ -76,7 +76,7 @@ class HotHits:
         self, store: Composite, access_log: logging.Logger | None, json_log: bool, *, cors: bool = False
     ) -> None:
         self.store = store
-        self.access_log = None if access_log is None else AccessLog(access_log, json_format=json_log)
+        self.access_log = None if access_log is None else AccessLog.of(access_log, json_format=json_log)
         # With [cors] on, every blob answer says it depends on Origin (as server/cors.py adds on
         # aiohttp's path); a request that carries an Origin is aiohttp's, for the other headers.
         self._vary = b"Vary: Origin\r\n" if cors else b""
