@@ -261,9 +261,10 @@ def write_casproxy_config(
     return path, port
 
 
-def spawn_casproxy(workdir: Path, name: str, config: Path, port: int) -> Server:
+def spawn_casproxy(workdir: Path, name: str, config: Path, port: int, env: Mapping[str, str] | None = None) -> Server:
+    """``env``: variables added to child_env()'s."""
     log_path = workdir / f"{name}.log"
-    proc = PROCESSES.spawn(casproxy_command(config), log_path, env=child_env())
+    proc = PROCESSES.spawn(casproxy_command(config), log_path, env={**child_env(), **(env or {})})
     return Server(name, f"http://127.0.0.1:{port}", proc, log_path)
 
 
