@@ -8,7 +8,7 @@ reads and then writes cannot be overtaken by another process in between.
 
 From the loop: ``await db.open()``, ``await db.query(sql, params)`` for reads, and
 ``await db.run(fn, ...)`` for anything more, where ``fn`` runs on the database's thread and uses
-``db.transaction()`` to write.
+``db.transaction()`` to write (from another thread: ``db.run_from_thread(fn, ...)``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class Database:
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on the database's thread."""
         return await run_on(self._executor, fn, *args, **kwargs)
+
+    def run_from_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on the database's thread, waited for: for another worker
+        thread (a tier's), never the event loop's."""
+        return self._executor.submit(fn, *args, **kwargs).result()
 
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         """The rows of one read."""

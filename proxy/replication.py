@@ -7,6 +7,11 @@ A failing target is retried with exponential backoff, forever: work is never dro
 Several processes (workers) may share one queue: a copy is leased to one of them while it runs,
 and the file and its rows change together under SQLite's write lock, so no worker deletes a
 file another has just queued again.
+
+A copy that a target makes as a multipart upload (S3, for large blobs) notes the upload in its
+row before the first part is sent. If the copy ends without completing it (it failed, the
+server stopped, or its process was killed), the upload moves to ``abandoned`` and is aborted:
+an incomplete upload would otherwise be kept (and billed) by the bucket forever.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import logging
 import os
 import secrets
 import shutil
+import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.blocking import run
@@ -44,9 +50,18 @@ CREATE TABLE IF NOT EXISTS pending (
     next_try REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
     holder TEXT NOT NULL DEFAULT '',
+    upload TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (digest, target)
-)
+);
+CREATE TABLE IF NOT EXISTS abandoned (
+    target TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    upload TEXT NOT NULL,
+    next_try REAL NOT NULL,
+    PRIMARY KEY (target, upload)
+);
 """
+_ABORT_RETRY = 60.0  # seconds before aborting an abandoned upload is tried again
 
 
 class ReplicationQueue:
@@ -72,13 +87,17 @@ class ReplicationQueue:
 
     def _reclaim_leases(self) -> None:
         """Copies leased by a process that is gone (killed mid-copy) are due again now, not when
-        their lease runs out. A queue written by an earlier version gets the holder column."""
+        their lease runs out, and their uploads abandoned. A queue written by an earlier version
+        gets the holder and upload columns."""
         with self.database.transaction() as db:
-            if "holder" not in {row[1] for row in db.execute("PRAGMA table_info(pending)")}:
-                db.execute("ALTER TABLE pending ADD COLUMN holder TEXT NOT NULL DEFAULT ''")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(pending)")}
+            for column in ("holder", "upload"):
+                if column not in columns:
+                    db.execute(f"ALTER TABLE pending ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             holders = [row[0] for row in db.execute("SELECT DISTINCT holder FROM pending WHERE holder != ''")]
-            gone = [(time.time(), holder) for holder in holders if _holder_gone(holder)]
-            db.executemany("UPDATE pending SET next_try = ?, holder = '' WHERE holder = ?", gone)
+            gone = [holder for holder in holders if _holder_gone(holder)]
+            for holder in gone:
+                _give_back(db, "holder = ?", (holder,))
         if gone:
             log.info("replication: took back the copies of %d worker(s) that died mid-copy", len(gone))
 
@@ -139,6 +158,7 @@ class ReplicationQueue:
 
     async def _work(self) -> None:
         while True:
+            await self._abort_abandoned()
             due, wait = await self.database.run(self._due)
             if due:
                 await asyncio.gather(*(self._replicate(*row) for row in due))
@@ -158,7 +178,10 @@ class ReplicationQueue:
                 "UPDATE pending SET next_try = ?, holder = ? WHERE digest = ? AND target = ?",
                 [(now + LEASE, _holder(), digest, target) for digest, target, _, _ in rows],
             )
-            upcoming = db.execute("SELECT MIN(next_try) FROM pending").fetchone()[0]
+            upcoming = db.execute(
+                "SELECT MIN(due) FROM (SELECT MIN(next_try) AS due FROM pending "
+                "UNION ALL SELECT MIN(next_try) FROM abandoned)"
+            ).fetchone()[0]
         self._leased.update((digest, target) for digest, target, _, _ in rows)
         wait = MAX_BACKOFF if upcoming is None else max(0.05, min(MAX_BACKOFF, upcoming - now))
         return rows, wait
@@ -168,10 +191,8 @@ class ReplicationQueue:
         if not self._leased:
             return
         with self.database.transaction() as db:
-            db.executemany(
-                "UPDATE pending SET next_try = ?, holder = '' WHERE digest = ? AND target = ?",
-                [(time.time(), digest, target) for digest, target in self._leased],
-            )
+            for digest, target in self._leased:
+                _give_back(db, "digest = ? AND target = ?", (digest, target))
         self._leased.clear()
 
     async def _replicate(self, digest: str, target: str, size: int, attempts: int) -> None:
@@ -186,7 +207,7 @@ class ReplicationQueue:
                 raise LookupError(f"no tier named {target!r} in the current config")
             if await self.database.run(os.path.getsize, path) != size:
                 raise OSError(f"queued copy of {digest} has the wrong size")  # never store a torn copy
-            await tier.put(Digest(digest), FilePayload(path, size))
+            await tier.put_noting_uploads(Digest(digest), FilePayload(path, size), self._noter(digest, target))
         except Exception as error:  # noqa: BLE001 - any failure is retried later, never dropped
             self.failures += 1
             delay = min(MAX_BACKOFF, 0.5 * 2**attempts)
@@ -203,13 +224,60 @@ class ReplicationQueue:
         self.replicated += 1
         await self.database.run(self._done, digest, target)
 
-    def _retry_later(self, digest: str, target: str, delay: float, error: str) -> None:
+    def _noter(self, digest: str, target: str) -> Callable[[str], None]:
+        """What the target calls, in its thread, as it begins a multipart upload of this copy."""
+        holder = _holder()
+
+        def note(upload_id: str) -> None:
+            self.database.run_from_thread(self._note, digest, target, holder, upload_id)
+
+        return note
+
+    def _note(self, digest: str, target: str, holder: str, upload_id: str) -> None:
         with self.database.transaction() as db:
             db.execute(
-                "UPDATE pending SET attempts = attempts + 1, next_try = ?, last_error = ?, holder = '' "
+                "UPDATE pending SET upload = ? WHERE digest = ? AND target = ? AND holder = ?",
+                (upload_id, digest, target, holder),
+            )
+
+    def _retry_later(self, digest: str, target: str, delay: float, error: str) -> None:
+        with self.database.transaction() as db:
+            # boto3 aborts the upload of a failed copy itself, unless the target failed that too.
+            _give_back(db, "digest = ? AND target = ?", (digest, target))
+            db.execute(
+                "UPDATE pending SET attempts = attempts + 1, next_try = ?, last_error = ? "
                 "WHERE digest = ? AND target = ?",
                 (time.time() + delay, error[:500], digest, target),
             )
+
+    async def _abort_abandoned(self) -> None:
+        """Abort the due uploads of copies that ended without completing them."""
+        rows = await self.database.query(
+            "SELECT target, digest, upload FROM abandoned WHERE next_try <= ? LIMIT ?", (time.time(), self.concurrency)
+        )
+        for target, digest, upload in rows:
+            tier = self.targets.get(target)
+            try:
+                if tier is None:
+                    raise LookupError(f"no tier named {target!r} in the current config")
+                await tier.abort_upload(Digest(digest), upload)
+            except Exception as error:  # noqa: BLE001 - retried later, never dropped
+                log.warning("aborting the abandoned upload of %s to %s failed: %r", digest, target, error)
+                await self.database.run(self._abort_later, target, upload)
+            else:
+                log.info("replication: aborted the unfinished upload of %s to %s", digest, target)
+                await self.database.run(self._aborted, target, upload)
+
+    def _abort_later(self, target: str, upload: str) -> None:
+        with self.database.transaction() as db:
+            db.execute(
+                "UPDATE abandoned SET next_try = ? WHERE target = ? AND upload = ?",
+                (time.time() + _ABORT_RETRY, target, upload),
+            )
+
+    def _aborted(self, target: str, upload: str) -> None:
+        with self.database.transaction() as db:
+            db.execute("DELETE FROM abandoned WHERE target = ? AND upload = ?", (target, upload))
 
     def _done(self, digest: str, target: str) -> None:
         with self.database.transaction() as db:
@@ -218,6 +286,18 @@ class ReplicationQueue:
             if not left:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.blob_dir, digest))
+
+
+def _give_back(db: sqlite3.Connection, where: str, params: tuple[str, ...]) -> None:
+    """The copies ``where`` selects are due now and leased to nobody; an upload one of them noted
+    is abandoned (to be aborted). On the database's thread, in a transaction."""
+    now = time.time()
+    db.execute(
+        "INSERT OR IGNORE INTO abandoned (target, digest, upload, next_try) "
+        f"SELECT target, digest, upload, ? FROM pending WHERE upload != '' AND {where}",
+        (now, *params),
+    )
+    db.execute(f"UPDATE pending SET next_try = ?, holder = '', upload = '' WHERE {where}", (now, *params))
 
 
 def _holder() -> str:

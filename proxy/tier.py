@@ -210,6 +210,17 @@ class Tier(ABC):
         """Store a verified blob. Sources that cannot be written raise TierError."""
         raise TierError(f"{self.name}: this {type(self).__name__} cannot be written")
 
+    async def put_noting_uploads(self, digest: Digest, payload: Payload, note: Callable[[str], None]) -> None:
+        """put(), for a caller that cleans up after a crash: ``note(upload_id)`` is called, on a
+        worker thread and before any of its parts is sent, for each multipart upload the tier
+        begins (one a process killed mid-put would leave behind); ``abort_upload`` ends one.
+        Tiers without such uploads simply put."""
+        await self.put(digest, payload)
+
+    async def abort_upload(self, digest: Digest, upload_id: str) -> None:  # noqa: B027 - optional hook
+        """End an upload noted by ``put_noting_uploads`` and left unfinished; one that has already
+        ended (completed or aborted) is no error."""
+
     async def delete(self, digest: Digest) -> bool:
         """Remove the blob; True if it was there."""
         raise TierError(f"{self.name}: this {type(self).__name__} cannot delete")

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Upstream, free_port, make_blob, write_config
+from tests.conftest import Bucket, Upstream, free_port, make_blob, write_config
+from tests.faults import fault_proxy_before
 from tests.processes import ProxyProcess, wait_until
 
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
@@ -134,3 +135,50 @@ async def test_kill_9_mid_fill_then_restart(
         assert set(cache.rglob("*.val")) == known  # no orphan left
     finally:
         proxy.stop()
+
+
+async def test_kill_9_mid_multipart_replication_leaves_no_upload_after_the_restart(
+    bucket: Bucket, s3_endpoint: str, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    data, digest = make_blob(65 << 20)  # above the s3 tier's multipart threshold (64 MiB)
+    (tmp_path / "local").mkdir()
+
+    async def settled(proxy: ProxyProcess) -> bool:
+        async with session.get(f"{proxy.url}/stats") as response:
+            depth = (await response.json())["uploads"]["queue_depth"]
+        return depth == 0 and not bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads")
+
+    async with fault_proxy_before(s3_endpoint) as (faults, endpoint):
+        port = free_port()
+        config = write_config(
+            tmp_path / "config.toml",
+            [
+                {"name": "local", "kind": "fs", "path": str(tmp_path / "local")},
+                {**bucket.tier("s3"), "endpoint_url": endpoint},
+            ],
+            server={"host": "127.0.0.1", "port": port, "access_log": False},
+            uploads={"targets": ["local", "s3"]},  # s3 from the replication queue
+        )
+        proxy = ProxyProcess(config, port, tmp_path / "proxy.log")
+        try:
+            faults.hang_completions = True  # every part goes up, and the upload never completes
+            proxy.start()
+            await proxy.wait_healthy(session, limit=20)
+            async with session.put(f"{proxy.url}/sha1/{digest}", data=data) as response:
+                assert response.status == 201
+            await wait_until(lambda: faults.hanging > 0, 60, "the multipart copy to be completing")
+            uploads = bucket.client.list_multipart_uploads(Bucket=bucket.name)["Uploads"]
+            assert [upload["Key"] for upload in uploads] == [digest]
+            proxy.kill()
+
+            faults.hang_completions = False
+            proxy.start()
+            await proxy.wait_healthy(session, limit=60)
+            deadline = time.monotonic() + 60
+            while not await settled(proxy):
+                assert time.monotonic() < deadline, "the queue never drained of the killed copy's upload"
+                await asyncio.sleep(0.1)
+        finally:
+            proxy.stop()
+    assert bucket.get(digest) == data
+    assert "aborted the unfinished upload" in (tmp_path / "proxy.log").read_text()

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from proxy.digest import Digest
 from proxy.server.keys import STORE
@@ -27,6 +27,7 @@ from proxy.store.negative import NegativeCache
 from proxy.store.walk import CorruptCopies
 from proxy.tiers.api import APIOrigin
 from tests.conftest import Bucket, ProxyFactory, Upstream, free_port, make_blob, spool_files, write_config
+from tests.faults import FaultProxy, fault_proxy_before, trickle
 from tests.processes import ProxyProcess, wait_until
 
 Client = TestClient[web.Request, web.Application]
@@ -57,13 +58,6 @@ def http(name: str, up: Upstream, **options: Any) -> dict[str, Any]:
 
 async def start(make_proxy: ProxyFactory, tiers: list[dict[str, Any]], **sections: dict[str, Any]) -> Client:
     return await make_proxy(tiers, uploads={"targets": [tiers[-1]["name"]]}, **sections)
-
-
-async def trickle(response: web.StreamResponse, data: bytes) -> None:
-    """One byte every 50 ms, as long as the reader stays."""
-    for byte in data:
-        await response.write(bytes([byte]))
-        await asyncio.sleep(0.05)
 
 
 def trickling(data: bytes) -> Callable[[web.Request, Upstream], Awaitable[web.StreamResponse]]:
@@ -103,50 +97,10 @@ async def test_a_trickling_http_tier_is_left_for_the_next_within_its_window(
     assert (stats["slow"]["errors"], stats["local"]["hits"]) == (1, 1)
 
 
-class FaultProxy:
-    """An aiohttp app in front of moto that trickles the GETs of chosen keys and passes the rest."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.trickled: set[str] = set()  # keys
-        self.trickling = 0  # trickles under way
-        self.abandoned = 0  # trickles whose reader went away
-        self.app = web.Application()
-        self.app.router.add_route("*", "/{path:.*}", self.forward)
-        self.session: aiohttp.ClientSession | None = None
-
-    async def forward(self, request: web.Request) -> web.StreamResponse:
-        assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        body = await request.read()
-        url = self.endpoint + request.path_qs
-        async with self.session.request(request.method, url, headers=headers, data=body) as upstream:
-            data = await upstream.read()
-            framing = ("transfer-encoding", "content-length")
-            passed = {k: v for k, v in upstream.headers.items() if k.lower() not in framing}
-            if request.method != "GET" or request.path.split("/", 2)[-1] not in self.trickled:
-                return web.Response(status=upstream.status, headers=passed, body=data)
-            response = web.StreamResponse(status=upstream.status, headers=passed)
-            response.content_length = len(data)
-            await response.prepare(request)
-            self.trickling += 1
-            try:
-                await trickle(response, data)
-            except (ConnectionError, asyncio.CancelledError):
-                self.abandoned += 1
-                raise
-            return response
-
-
 @pytest.fixture
 async def fault_proxy(s3_endpoint: str) -> AsyncIterator[tuple[FaultProxy, str]]:
-    proxy = FaultProxy(s3_endpoint)
-    proxy.session = aiohttp.ClientSession(auto_decompress=False)
-    server = TestServer(proxy.app, host="127.0.0.1")
-    await server.start_server()
-    yield proxy, f"http://127.0.0.1:{server.port}"
-    await server.close()
-    await proxy.session.close()
+    async with fault_proxy_before(s3_endpoint) as proxy:
+        yield proxy
 
 
 async def test_trickling_objects_release_the_buckets_threads_and_a_healthy_object_still_answers(

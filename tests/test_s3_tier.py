@@ -18,6 +18,8 @@ from aiohttp.test_utils import TestClient
 from proxy import APIOrigin
 from proxy.server.keys import STORE
 from tests.conftest import Bucket, ProxyFactory, make_blob
+from tests.faults import fault_proxy_before
+from tests.processes import wait_until
 
 Client = TestClient[web.Request, web.Application]
 
@@ -268,3 +270,29 @@ async def test_streamed_corrupt_object_is_never_completed(
     with pytest.raises(aiohttp.ClientPayloadError):  # never a complete body of wrong bytes
         await drain(response, received)
     assert len(received) < len(data)
+
+
+async def test_a_get_answered_with_nothing_frees_its_thread_within_the_tiers_timeout(
+    make_proxy: ProxyFactory, bucket: Bucket, s3_endpoint: str, tmp_path: Path
+) -> None:
+    hung, hung_digest = make_blob(1000)
+    healthy, healthy_digest = make_blob(2000)
+    bucket.put(hung_digest, hung)
+    bucket.put(healthy_digest, healthy)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / hung_digest).write_bytes(hung)
+    local = {"name": "local", "kind": "fs", "path": str(tmp_path / "local")}
+    async with fault_proxy_before(s3_endpoint) as (faults, endpoint):
+        faults.hung.add(hung_digest)  # its GET never gets a byte of answer, not even headers
+        # One thread for the bucket: a request that keeps it holds up every other one.
+        s3 = {**bucket.tier("s3", max_connections=1), "endpoint_url": endpoint, "timeout": 2}
+        client = await make_proxy([s3, local], uploads={"targets": ["local"]})
+
+        response = await client.get(f"/sha1/{hung_digest}")
+        assert (response.status, await response.read(), response.headers["X-Cache-Tier"]) == (200, hung, "local")
+        # The thread gives up on S3 about when the walk did (not read_timeout's 30 s, times
+        # botocore's 3 attempts, later), and does not ask again.
+        await wait_until(lambda: faults.hangs_dropped == 1, 15, "the hung GET to be given up")
+        response = await client.get(f"/sha1/{healthy_digest}")
+        assert (response.status, await response.read(), response.headers.get("X-Cache-Tier")) == (200, healthy, "s3")
+        assert faults.hanging == 1

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +28,7 @@ from proxy.tier import CHUNK_SIZE, Blob, Payload, Role, Stat, StreamBlob, Tier
 from proxy.tiers.bucket import SIZE_METADATA as SIZE_METADATA  # re-exported: older imports name it here
 from proxy.tiers.bucket import parse_bucket_url as parse_bucket_url
 
+log = logging.getLogger(__name__)
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
@@ -64,10 +67,13 @@ class S3Tier(Tier):
         self.profile = profile or None
         self._credentials = (access_key_id or None, secret_access_key or None)
         self.accelerate = accelerate
+        # The tier's timeout bounds each wait on S3 (the connect, then each read, the first
+        # being for the answer's headers), so a request that hangs hands its thread back about
+        # when the walk gives up on it, not read_timeout (times the attempts) later.
         self._config = botocore.config.Config(
             max_pool_connections=max_connections,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
+            connect_timeout=min(connect_timeout, timeout),
+            read_timeout=min(read_timeout, timeout),
             retries={"max_attempts": 3, "mode": "standard"},
             # S3-compatible stores and GCS interop reject the newer default checksums.
             request_checksum_calculation="when_required",
@@ -80,11 +86,15 @@ class S3Tier(Tier):
         self._executor = ThreadPoolExecutor(max_connections, thread_name_prefix=f"tier-{name}")
         self._client: Any = None
         self._bodies: set[_Body] = set()  # being read: released at close, so no thread outlives it
+        # Who wants to hear of the multipart uploads begun for a key (put_noting_uploads), told
+        # from boto3's transfer threads.
+        self._noting: dict[str, list[Callable[[str], None]]] = {}
+        self._noting_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = await run_on(self._executor, self.make_client)
+        self._client = await run_on(self._executor, self._own_client)
 
     def make_client(self, config: botocore.config.Config | None = None) -> Any:
         session = boto3.session.Session(profile_name=self.profile)
@@ -98,6 +108,16 @@ class S3Tier(Tier):
             config=config or self._config,
         )
 
+    def _own_client(self) -> Any:
+        """The tier's client: make_client's, telling the tier of each multipart upload it
+        begins, and not retrying a walked read that timed out (see _WALKED)."""
+        client = self.make_client()
+        events = client.meta.events
+        events.register("after-call.s3.CreateMultipartUpload", self._upload_begun)
+        for operation in _WALKED:
+            events.register(f"needs-retry.s3.{operation}", _no_retry_after_timeout)
+        return client
+
     async def close(self) -> None:
         for body in list(self._bodies):
             body.abort()
@@ -106,7 +126,7 @@ class S3Tier(Tier):
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = self.make_client()
+            self._client = self._own_client()
         return self._client
 
     @contextlib.contextmanager
@@ -176,6 +196,45 @@ class S3Tier(Tier):
                 Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20),
             )
 
+    async def put_noting_uploads(self, digest: Digest, payload: Payload, note: Callable[[str], None]) -> None:
+        key = self.key(digest)
+        with self._noting_lock:
+            self._noting.setdefault(key, []).append(note)
+        try:
+            await self.put(digest, payload)
+        finally:
+            with self._noting_lock:
+                notes = self._noting[key]
+                notes.remove(note)
+                if not notes:
+                    del self._noting[key]
+
+    def _upload_begun(self, parsed: dict[str, Any], **_: Any) -> None:
+        """botocore's after-call hook of CreateMultipartUpload, in the transfer's thread before
+        it sends a part: tell whoever put_noting_uploads this key. A note that fails is logged,
+        not raised: raised here, it would leave boto3 an upload it cannot abort."""
+        upload_id = parsed.get("UploadId")
+        if not upload_id:
+            return
+        with self._noting_lock:
+            notes = list(self._noting.get(parsed.get("Key", ""), ()))
+        for note in notes:
+            try:
+                note(upload_id)
+            except Exception:
+                log.exception("%s: could not note multipart upload %s", self.name, upload_id)
+
+    async def abort_upload(self, digest: Digest, upload_id: str) -> None:
+        with self._errors():
+            await run_on(self._executor, self._abort_upload, self.key(digest), upload_id)
+
+    def _abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except botocore.exceptions.ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "NoSuchUpload":  # ended already: done
+                raise
+
     async def delete(self, digest: Digest) -> bool:
         with self._errors():
             await run_on(self._executor, self.client.delete_object, Bucket=self.bucket, Key=self.key(digest))
@@ -236,6 +295,18 @@ def _read_chunk(body: Any) -> bytes:
         parts.append(part)
         size += len(part)
     return b"".join(parts)
+
+
+# The reads a walk makes under the tier's timeout. One that timed out is not tried again: the
+# walk gave up on it at that moment, so another attempt would only hold a thread for nothing.
+_WALKED = ("GetObject", "HeadObject")
+
+
+def _no_retry_after_timeout(caught_exception: Exception | None = None, **_: Any) -> bool | None:
+    """botocore's needs-retry hook: False (no retry) after a timeout, None (botocore's own retry
+    policy decides) otherwise. Handlers of the more specific event name are asked first."""
+    timeouts = (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)
+    return False if isinstance(caught_exception, timeouts) else None
 
 
 def _quietly(close: Any) -> None:
