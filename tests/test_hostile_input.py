@@ -337,16 +337,15 @@ async def test_a_client_that_leaves_a_stream_is_499_not_500(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_a_client_that_leaves_a_sendfile_is_logged_499(
-    make_proxy: ProxyFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_a_client_that_leaves_a_sendfile_is_logged_and_counted_499(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "local").mkdir()
-    data, digest = make_blob(64 << 20)
+    data, digest = make_blob(32 << 20)  # a disk hit, not in memory: sent with sendfile
     (tmp_path / "local" / digest).write_bytes(data)
-    config = load_config(
-        str(write_config(tmp_path / "c.toml", [{"name": "local", "kind": "fs", "path": str(tmp_path / "local")}])),
-        environ={},
-    )
+    disk = {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")}
+    local = {"name": "local", "kind": "fs", "path": str(tmp_path / "local")}
+    config = load_config(str(write_config(tmp_path / "c.toml", [disk, local])), environ={})
     from aiohttp.test_utils import TestServer
 
     from proxy.server.app import create_app
@@ -354,14 +353,25 @@ async def test_a_client_that_leaves_a_sendfile_is_logged_499(
     access = logging.getLogger("test.hostile.sendfile")
     server = TestServer(create_app(config), host="127.0.0.1")
     await server.start_server(access_log_class=AccessLogger, access_log=access)
-    try:
-        with caplog.at_level(logging.INFO, logger="test.hostile.sendfile"):
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "test.hostile.sendfile"]
+
+    # (The level first: aiohttp decides whether to log when a connection opens.)
+    with caplog.at_level(logging.INFO, logger="test.hostile.sendfile"):
+        async with TestClient(server) as client:
+            async with client.get(f"/sha1/{digest}") as response:  # the fill: streamed, then cached
+                assert (response.headers["X-Cache"], await response.read() == data) == ("MISS", True)
+            before_200, before_499 = requests_with("200"), requests_with("499")
             await leave_early(server.port or 0, f"/sha1/{digest}")
+            # Counted as logged, once the sendfile has ended: not at the handler's return.
+            await poll(lambda: requests_with("499") == before_499 + 1)
+            assert requests_with("200") == before_200
 
-            def logged() -> list[str]:
-                return [r.getMessage() for r in caplog.records if r.name == "test.hostile.sendfile"]
-
-            await poll(lambda: bool(logged()))
-        assert " 499 " in logged()[0], logged()
-    finally:
-        await server.close()
+            async with client.get(f"/sha1/{digest}") as response:
+                assert (response.status, response.headers["X-Cache"]) == (200, "HIT")
+                assert await response.read() == data
+            await poll(lambda: requests_with("200") == before_200 + 1)
+            await poll(lambda: len(logged()) == 3)
+    assert [line.split()[3] for line in logged()] == ["200", "499", "200"], logged()  # fill, left, hit
+    assert requests_with("499") == before_499 + 1

@@ -21,8 +21,14 @@ def client_left(request: web.BaseRequest, error: BaseException) -> bool:
     transport = request.transport
     gone = transport is None or transport.is_closing()
     if gone and isinstance(error, ConnectionError | asyncio.CancelledError):
-        request[_LEFT] = True
+        mark_left(request)
     return _LEFT in request
+
+
+def mark_left(request: web.BaseRequest) -> None:
+    """Remember that this request's client went away: for an error that can only be its own
+    (a failed write to its connection)."""
+    request[_LEFT] = True
 
 
 def status_of(request: web.BaseRequest, response: web.StreamResponse) -> int:

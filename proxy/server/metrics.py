@@ -7,6 +7,7 @@ queue) are read at scrape time: every worker sees the same cache and queue.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,6 +21,7 @@ from prometheus_client.registry import Collector
 from proxy import metrics
 from proxy.blocking import run
 from proxy.server.keys import SERVICE
+from proxy.server.responses import SendfileResponse
 from proxy.tier import Usage
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,21 +34,29 @@ _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts every request by route template (never the raw path: one series per hash would
-    grow without bound). The time ends when the handler returns: a file handed to sendfile is
-    sent after that."""
+    grow without bound). The time ends when the handler returns, except for a file handed to
+    sendfile: that is counted once sent, as the access log does, 499 if the client left."""
     started = time.perf_counter()
-    status = 500
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status: int | None = 500  # None: the response counts itself once sent
     try:
         response = await handler(request)
-        status = response.status
+        if isinstance(response, SendfileResponse) and not response.prepared:
+            response.when_sent, status = functools.partial(_count_since, started, route, request.method), None
+        else:
+            status = response.status
         return response
     except web.HTTPException as error:
         status = error.status
         raise
     finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        count_request(route, request.method, status, time.perf_counter() - started)
+        if status is not None:
+            count_request(route, request.method, status, time.perf_counter() - started)
+
+
+def _count_since(started: float, route: str, method: str, status: int) -> None:
+    count_request(route, method, status, time.perf_counter() - started)
 
 
 # labels() hashes and locks on every call: resolve each child once (routes and methods are few).

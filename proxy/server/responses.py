@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import BinaryIO
 
 from aiohttp import web
 
 from proxy.errors import CorruptBlob, RangeNotSatisfiable
 from proxy.numbers import decimal
-from proxy.server.departures import client_left
+from proxy.server.departures import client_left, mark_left, status_of
 from proxy.tier import FileBlob, retrieve
 
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
@@ -80,6 +80,9 @@ class SendfileResponse(web.StreamResponse):
         self._count = end - start
         self._sent = 0  # bytes the kernel sent: aiohttp's own count never sees them
         self.content_length = self._count
+        # Told the status to count once the body is sent or the client left (the metrics
+        # middleware's): the sending happens after the handler has returned.
+        self.when_sent: Callable[[int], None] | None = None
 
     @property
     def body_length(self) -> int:
@@ -87,8 +90,8 @@ class SendfileResponse(web.StreamResponse):
         return super().body_length + self._sent
 
     async def prepare(self, request: web.BaseRequest) -> web.StreamResponse | None:  # type: ignore[override]
-        writer = await super().prepare(request)
         try:
+            writer = await super().prepare(request)
             if request.method != "HEAD" and self._count:
                 transport = request.transport
                 if transport is None:
@@ -100,11 +103,18 @@ class SendfileResponse(web.StreamResponse):
                     raise ConnectionResetError(str(error)) from error
             await super().write_eof()
         except ConnectionError as error:
+            # Every write here is to the client's own connection: it left (sendfile meets the
+            # reset before the transport is closing). The access log and the metrics say 499.
             if not isinstance(error.__cause__, CorruptBlob):  # that cut is ours, not the client's
-                client_left(request, error)  # sent after the handler returned: the access log says 499
+                mark_left(request)
+            raise
+        except asyncio.CancelledError as error:
+            client_left(request, error)  # aiohttp's, when the connection is lost; or a shutdown
             raise
         finally:
             self._file.close()
+            if self.when_sent is not None:
+                self.when_sent(status_of(request, self))
         return writer  # type: ignore[return-value]
 
     async def _send(self, transport: asyncio.Transport) -> None:
