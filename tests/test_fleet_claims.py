@@ -147,3 +147,30 @@ async def test_a_claim_taken_after_another_fill_ended_looks_in_the_shared_tier_f
         assert await second.get(digest) == origin.blobs[digest]
     assert origin.calls["open"] == 1
     assert late.calls["open"] == 2  # the stale miss, then the look after taking the claim
+
+
+async def test_a_claim_given_up_mid_call_leaves_nothing_behind() -> None:
+    """A fill cancelled while its claim waits on Redis (a server stopping) keeps no entry: the
+    per-digest notices live only as long as a take()."""
+    asked = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # a command came; it is never answered
+        asked.set()
+        await reader.read()  # until the client goes away
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    claims = Claims(f"redis://127.0.0.1:{port}/0", wait=10, lease=LEASE)
+    try:
+        taking = asyncio.ensure_future(claims.claim(DIGEST).take())
+        await asyncio.wait_for(asked.wait(), 10)
+        assert claims.describe()["waiting"] == 1
+        taking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taking
+        assert claims.describe()["waiting"] == 0
+    finally:
+        await claims.close()
+        server.close()

@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
@@ -114,7 +114,8 @@ class Claims:
         return Claim(self, digest)
 
     def describe(self) -> dict[str, object]:
-        return {"url": self.url, "wait": self.wait, "held": self.held, "available": self._backend.state == "closed"}
+        state = {"url": self.url, "wait": self.wait, "held": self.held, "waiting": len(self._ended)}
+        return {**state, "available": self._backend.state == "closed"}
 
     async def call(self, command: Callable[[], Awaitable[T]]) -> T:
         """``command()``'s answer, under a short timeout; raises Unavailable if Redis failed or
@@ -133,13 +134,16 @@ class Claims:
         self._backend.succeeded()
         return answer
 
-    def waiting_for(self, digest: str) -> asyncio.Event:
-        """An event set when the digest's claim is released (one fill per digest per process)."""
+    @contextlib.contextmanager
+    def waiting_for(self, digest: str) -> Iterator[asyncio.Event]:
+        """An event set when the digest's claim is released, for as long as the body runs
+        however it ends (one fill per digest per process)."""
         ended = self._ended[digest] = asyncio.Event()
-        return ended
-
-    def done_waiting(self, digest: str) -> None:
-        self._ended.pop(digest, None)
+        try:
+            yield ended
+        finally:
+            if self._ended.get(digest) is ended:
+                del self._ended[digest]
 
     async def _listen(self) -> None:
         """Wake the waiters of each released digest; subscribe again whenever the channel breaks."""
@@ -185,19 +189,22 @@ class Claim:
         (that fill failed, or its holder died)."""
         if self.held:
             return True
+        # Listening from before the SET: a release in between still wakes us.
+        with self._claims.waiting_for(self.digest) as ended:
+            return await self._take(ended)
+
+    async def _take(self, ended: asyncio.Event) -> bool:
         claims, client = self._claims, self._claims.redis
         loop = asyncio.get_running_loop()
         if self._deadline is None:
             self._deadline = loop.time() + claims.wait
         lease_ms = int(claims.lease * 1000)
-        ended = claims.waiting_for(self.digest)  # before the SET: a release in between still wakes us
         try:
             if await claims.call(lambda: client.set(self.key, self.token, nx=True, px=lease_ms)):
                 self._hold()
                 return True
             lease_left = int(await claims.call(lambda: client.pttl(self.key)))
         except Unavailable:
-            claims.done_waiting(self.digest)
             metrics.COALESCE_ALONE.labels("unavailable").inc()
             return True
         if not self.waited:
@@ -217,7 +224,6 @@ class Claim:
         except Unavailable:
             return False  # Redis went away: look in the shared tier, then take() fetches alone
         finally:
-            claims.done_waiting(self.digest)
             metrics.COALESCE_WAIT_SECONDS.observe(loop.time() - began)
         if ended.is_set() or lease_left == -2:
             return False
@@ -226,7 +232,6 @@ class Claim:
         return True
 
     def _hold(self) -> None:
-        self._claims.done_waiting(self.digest)
         self.held = True
         self._claims.held += 1
         metrics.COALESCE_CLAIMS.inc()
