@@ -128,7 +128,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> None:
     tiers = [cache, fs_tier(source)]
     config = workdir / "soak.toml"
     port = free_port()
-    config.write_text(casproxy_config(port, tiers, ["local"]).replace("[server]\n", "[server]\nworkers = 2\n", 1))
+    # As deployed: two workers, and the access log on (one line per request, to the log file).
+    server = casproxy_config(port, tiers, ["local"]).replace("access_log = false", "access_log = true")
+    config.write_text(server.replace("[server]\n", "[server]\nworkers = 2\n", 1))
     env = None
     if args.probe is not None:
         env = {"PYTHONPATH": str(Path(__file__).with_name("soak_probe")), "SOAK_PROBE_DIR": str(workdir)}
