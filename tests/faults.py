@@ -20,9 +20,9 @@ async def trickle(response: web.StreamResponse, data: bytes) -> None:
 
 
 class FaultProxy:
-    """Trickles the GETs of ``trickled`` keys; holds those of ``hung`` keys, and while
-    ``hang_completions`` is set every CompleteMultipartUpload, without a byte of answer until the
-    client goes away; and passes the rest."""
+    """Trickles the GETs of ``trickled`` keys; holds those of ``hung`` keys, the PUTs of
+    ``hung_puts`` keys, and while ``hang_completions`` is set every CompleteMultipartUpload,
+    without a byte of answer until the client goes away; and passes the rest."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -32,6 +32,7 @@ class FaultProxy:
         self.hung: set[str] = set()  # keys
         self.hanging = 0  # GETs of hung keys, ever
         self.hangs_dropped = 0  # ... whose client went away
+        self.hung_puts: set[str] = set()  # keys
         self.hang_completions = False
         self.app = web.Application(client_max_size=64 << 20)  # multipart parts are 16 MiB
         self.app.router.add_route("*", "/{path:.*}", self.forward)
@@ -41,7 +42,8 @@ class FaultProxy:
         assert self.session is not None
         key = request.path.split("/", 2)[-1]
         completion = request.method == "POST" and "uploadId" in request.query
-        if (request.method == "GET" and key in self.hung) or (completion and self.hang_completions):
+        held = (request.method == "GET" and key in self.hung) or (request.method == "PUT" and key in self.hung_puts)
+        if held or (completion and self.hang_completions):
             return await self.hang(request)
         # (Expect is not signed: boto3's "100-continue" was answered here, not to be asked again.)
         passed_on = ("host", "content-length", "expect")

@@ -30,6 +30,7 @@ from proxy.transfer.progress import ProgressView, status_line, summary_line
 from proxy.transfer.tally import Tally
 from proxy.transfer.wiring import checkpoint_path, state_dir
 from tests.conftest import Bucket, make_blob, write_config
+from tests.faults import fault_proxy_before
 
 MiB = 1 << 20
 
@@ -364,22 +365,27 @@ async def test_cancelled_export_resumes_with_only_what_is_left(world: World, buc
         (world.root / "blobs" / digest).write_bytes(data)
         many[digest] = data
     checkpoint = tmp_path / "export.sqlite"
-    spec = export(bucket.url("p/"), list(many), endpoint_url=bucket.endpoint, jobs=2, checkpoint=str(checkpoint))
-    config = load_config(str(world.config), environ={})
-    store = build_store(config)
-    transfer = Transfer(spec, store)
-    task = asyncio.create_task(transfer.run())
-    while transfer.snapshot().done < 20:  # noqa: ASYNC110 - watching progress as a job API would
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    paused = transfer.snapshot()
-    assert paused.state == "cancelled" and 20 <= paused.done < len(many)
-    assert checkpoint.exists()
-    await store.close()
+    async with fault_proxy_before(bucket.endpoint) as (proxy, endpoint):
+        # The bucket holds every PUT past the 40th: the cancel always lands mid-run, however
+        # fast or slow the machine is.
+        proxy.hung_puts = {f"p/{digest}" for digest in list(many)[40:]}
+        spec = export(bucket.url("p/"), list(many), endpoint_url=endpoint, jobs=2, checkpoint=str(checkpoint))
+        config = load_config(str(world.config), environ={})
+        store = build_store(config)
+        transfer = Transfer(spec, store)
+        task = asyncio.create_task(transfer.run())
+        while transfer.snapshot().done < 20:  # noqa: ASYNC110 - watching progress as a job API would
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        paused = transfer.snapshot()
+        assert paused.state == "cancelled" and 20 <= paused.done <= 40
+        assert checkpoint.exists()
+        await store.close()
 
-    snap = await run(spec, world.config)
+        proxy.hung_puts.clear()
+        snap = await run(spec, world.config)
     assert snap.state == "done"
     assert snap.resumed >= paused.done, "work recorded before the pause is not redone"
     assert snap.done + snap.skipped == len(many)
