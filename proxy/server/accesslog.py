@@ -45,8 +45,6 @@ def printable(text: str) -> str:
 # and nothing that could break a log line or a header.
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
 USER_AGENT_MAX = 256
-# The text line; the fast path (proxy.server.fastpath) logs its hits with it too.
-TEXT_LINE = "%(remote)s %(method)s %(path)s %(status)s %(bytes)s %(ms)sms %(cache)s %(tier)s %(id)s %(user_agent)s"
 _REQUEST_ID = web.RequestKey("request_id", str)
 
 
@@ -95,19 +93,18 @@ class AccessLogger(AbstractAccessLogger):
         self.lines = AccessLog.of(logger, json_format=self.json_format)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        fields: dict[str, Any] = {
-            "id": request_id(request),
-            "remote": request.remote,
-            "method": request.method,
-            "path": printable(request.path),  # no query string: it may hold a ticket's signature
-            "status": status_of(request, response),
-            "bytes": response.body_length,  # headers and body as sent (responses.SendfileResponse)
-            "ms": round(time * 1000, 2),
-            "cache": response.headers.get("X-Cache", "-"),
-            "tier": response.headers.get("X-Cache-Tier", "-"),
-            "user_agent": request.headers.get("User-Agent", "-")[:USER_AGENT_MAX],
-        }
-        self.lines.write(fields)
+        self.lines.write(
+            request.remote or "-",
+            request.method,
+            printable(request.path),  # no query string: it may hold a ticket's signature
+            status_of(request, response),
+            response.body_length,  # headers and body as sent (responses.SendfileResponse)
+            time,
+            response.headers.get("X-Cache", "-"),
+            response.headers.get("X-Cache-Tier", "-"),
+            request_id(request),
+            request.headers.get("User-Agent", "-"),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -143,17 +140,46 @@ class AccessLog:
             shared = _SHARED[key] = cls(logger, json_format=json_format)
         return shared
 
-    def write(self, fields: dict[str, Any]) -> None:
-        """Log one request's ``fields`` (the keys of TEXT_LINE); called on the event loop."""
-        if not self.json_format:
-            fields["user_agent"] = _quoted(fields["user_agent"])
+    def write(  # one request's fields, positional: the hot path builds no dict
+        self,
+        remote: str,
+        method: str,
+        path: str,
+        status: int,
+        sent: int,
+        seconds: float,
+        cache: str,
+        tier: str,
+        request_id: str,
+        user_agent: str,
+    ) -> None:
+        """Log one request (``sent``: bytes, head and body); called on the event loop."""
+        ms = round(seconds * 1000, 2)
+        user_agent = user_agent[:USER_AGENT_MAX]
+        message: str | dict[str, Any]
+        if self.json_format:
+            message = {
+                "id": request_id,
+                "remote": remote,
+                "method": method,
+                "path": path,
+                "status": status,
+                "bytes": sent,
+                "ms": ms,
+                "cache": cache,
+                "tier": tier,
+                "user_agent": user_agent,
+            }
+        else:  # the user agent quoted, control characters escaped
+            message = (
+                f"{remote} {method} {path} {status} {sent} {ms}ms {cache} {tier} {request_id} {_quoted(user_agent)}"
+            )
         if self.formatter is None:
-            if self.json_format:
-                self.logger.info("request", extra={"request": fields})
+            if isinstance(message, dict):
+                self.logger.info("request", extra={"request": message})
             else:
-                self.logger.info(TEXT_LINE, fields)
+                self.logger.info("%s", message)
             return
-        message = fields if self.json_format else TEXT_LINE % fields
         self.lines.append(self.formatter.render(self.logger.name, message))
         if len(self.lines) >= BATCH_LINES:
             self.flush()

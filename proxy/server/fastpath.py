@@ -38,7 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import RangeNotSatisfiable
-from proxy.server.accesslog import USER_AGENT_MAX, AccessLog, new_request_id
+from proxy.server.accesslog import AccessLog, new_request_id
 from proxy.server.blobs import CACHE_CONTROL
 from proxy.server.cors import CORS
 from proxy.server.keys import STORE
@@ -336,18 +336,16 @@ class FastPath(asyncio.Protocol):
         access_log = self.hot.access_log
         if access_log is not None and access_log.logger.isEnabledFor(logging.INFO):  # cached by logging
             access_log.write(
-                {
-                    "id": request_id,
-                    "remote": self.remote,
-                    "method": method,
-                    "path": self.url.decode("ascii"),
-                    "status": status,
-                    "bytes": len(response) + len(body),  # as aiohttp counts: head and body
-                    "ms": round(seconds * 1000, 2),
-                    "cache": "HIT" if hit else "MISS",
-                    "tier": tier.name,
-                    "user_agent": headers.get(b"user-agent", b"-").decode("latin-1")[:USER_AGENT_MAX],
-                }
+                self.remote,
+                method,
+                self.url.decode("ascii"),
+                status,
+                len(response) + len(body),  # as aiohttp counts: head and body
+                seconds,
+                "HIT" if hit else "MISS",
+                tier.name,
+                request_id,
+                headers.get(b"user-agent", b"-").decode("latin-1"),
             )
         return True
 
