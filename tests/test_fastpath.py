@@ -317,7 +317,10 @@ async def test_casproxy_serve_answers_pipelined_hits_and_misses(tmp_path: Path, 
     (tmp_path / "blobs").mkdir()
     hot, hot_digest = make_blob(2000)
     cold, cold_digest = make_blob(3000)
-    for data, digest in ((hot, hot_digest), (cold, cold_digest)):
+    # Fetched, then sent from its file (checked and kept in memory), then a fast-path hit: a
+    # large body goes out with its head in one writev, and what the socket does not take after.
+    big, big_digest = make_blob(1536 << 10)
+    for data, digest in ((hot, hot_digest), (cold, cold_digest), (big, big_digest)):
         (tmp_path / "blobs" / digest).write_bytes(data)
     port = free_port()
     tiers = [
@@ -337,14 +340,15 @@ async def test_casproxy_serve_answers_pipelined_hits_and_misses(tmp_path: Path, 
             await proxy.wait_healthy(session, 30)
             async with session.get(f"{proxy.url}/sha1/{hot_digest}") as response:
                 assert await response.read() == hot
-        for _ in range(2):  # the second time both are hits
+        for _ in range(3):  # the second time both small ones are hits, the third time all
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                writer.write(get(f"/sha1/{hot_digest}") + get(f"/sha1/{cold_digest}") + get(f"/sha1/{hot_digest}"))
-                bodies = [(await asyncio.wait_for(read_response(reader), 10))[2] for _ in range(3)]
+                paths = (hot_digest, big_digest, cold_digest, big_digest, hot_digest)
+                writer.write(b"".join(get(f"/sha1/{digest}") for digest in paths))
+                bodies = [(await asyncio.wait_for(read_response(reader), 10))[2] for _ in paths]
             finally:
                 writer.close()
-            assert bodies == [hot, cold, hot]
+            assert bodies == [hot, big, cold, big, hot]
     finally:
         proxy.stop()
     assert "Traceback" not in proxy.log.read_text()

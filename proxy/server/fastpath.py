@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import time
@@ -353,12 +354,29 @@ class FastPath(asyncio.Protocol):
 def _send(transport: asyncio.Transport, head: bytes, body: bytes | memoryview) -> None:
     if len(body) <= _SMALL_BODY:
         transport.write(head + body if body else head)
-    else:
-        # Two writes, not writelines: asyncio's writelines joins them, a copy of the whole body.
-        # A memoryview: what the socket does not take at once is copied once into the
-        # transport's buffer, not sliced into a new bytes first.
-        transport.write(head)
-        transport.write(memoryview(body))
+        return
+    view = memoryview(body)
+    sock = transport.get_extra_info("socket")
+    if sock is not None and not transport.get_write_buffer_size():
+        # Head and body in one writev, no copy: not a lone head segment the client must take
+        # first (asyncio's writelines would join them, a copy of the whole body). The socket is
+        # non-blocking: what it does not take now goes to the transport, after it, in order.
+        try:
+            sent = os.writev(sock.fileno(), [head, view])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the connection is gone: the transport reports it on its next write
+            sent = 0
+        if sent < len(head):
+            transport.write(head[sent:])
+            transport.write(view)
+        elif sent < len(head) + len(view):
+            transport.write(view[sent - len(head) :])
+        return
+    # A memoryview: what the socket does not take at once is copied once into the transport's
+    # buffer, not sliced into a new bytes first.
+    transport.write(head)
+    transport.write(view)
 
 
 def _may_be_fast(start: bytes) -> bool:
