@@ -1,0 +1,91 @@
+"""Hot hits, checkout A against checkout B (and nginx static), in alternating pinned rounds:
+what a change to the hit path gives, in req/s and in server CPU per request.
+
+    .venv/bin/python bench/ab.py --size 4KiB before=/path/to/main after=.
+    .venv/bin/python bench/ab.py --size 1MiB --nginx --disk 'memory_limit = 0' main=/work/main mine=.
+    .venv/bin/python bench/ab.py uvloop=.@event_loop=uvloop asyncio=.
+
+Each NAME=CHECKOUT[@KEY=VALUE,...] runs ``CHECKOUT/.venv/bin/casproxy serve`` (its own virtualenv,
+so its own code) with an fs source and a disk cache, the access log on (to a file), any
+``[server]`` keys given; ``--disk`` adds lines to the disk tier. Servers on core 0, wrk
+(``-t1 -c50``) on core 1; medians of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from harness import PROCESSES, Server, cpu_seconds, free_port, log, start_nginx, wait_until_ok
+from loadgen import rotation_script, run_wrk
+from peers import write_blob
+
+from proxy.units import parse_size
+
+
+def casproxy(workdir: Path, name: str, spec: str, blobs: Path, disk: str) -> Server:
+    checkout, _, keys = spec.partition("@")
+    server = dict(pair.split("=", 1) for pair in keys.split(",") if pair)
+    server.setdefault("access_log", "true")
+    port = free_port()
+    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", *(f"{k} = {v}" for k, v in server.items())]
+    lines += ["[[tiers]]", 'name = "disk"', 'kind = "disk"', 'role = "cache"', f'path = "{workdir}/cache-{name}"', disk]
+    lines += ["[[tiers]]", 'name = "local"', 'kind = "fs"', 'role = "source"', f'path = "{blobs}"']
+    lines += ["[uploads]", 'targets = ["disk"]', ""]
+    config = workdir / f"{name}.toml"
+    config.write_text("\n".join(lines))
+    binary = Path(checkout).resolve() / ".venv" / "bin" / "casproxy"
+    log_path = workdir / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
+    proc = PROCESSES.spawn(["taskset", "-c", "0", str(binary), "serve", "-c", str(config)], log_path, env=env)
+    return Server(name, f"http://127.0.0.1:{port}", proc, log_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("servers", nargs="+", metavar="NAME=CHECKOUT[@KEY=VALUE,...]")
+    parser.add_argument("--size", default="4KiB", help="blob size (default 4KiB)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--nginx", action="store_true", help="also nginx static on the same files, first")
+    parser.add_argument("--disk", default="", help="extra lines for the disk tier, e.g. 'memory_limit = 0'")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {1})  # wrk inherits core 1
+    with tempfile.TemporaryDirectory(prefix="casproxy-ab-") as folder:
+        workdir = Path(folder)
+        blobs = workdir / "blobs"
+        blobs.mkdir()
+        hashes = [write_blob(blobs, parse_size(args.size)) for _ in range(4)]
+        try:
+            servers = [start_nginx(workdir, blobs, hashes[0])] if args.nginx else []
+            for spec in args.servers:
+                name, _, rest = spec.partition("=")
+                servers.append(casproxy(workdir, name, rest, blobs, args.disk))
+            for server in servers:
+                wait_until_ok(f"{server.url}/sha1/{hashes[0]}", server.proc, server.log_path)
+            script = rotation_script(workdir / "rotate.lua", [f"/sha1/{h}" for h in hashes])
+            for server in servers:  # a warm-up each: memory caches, page cache, connections
+                run_wrk(server.url, script, 50, 1, threads=1)
+            rates: dict[str, list[float]] = {s.name: [] for s in servers}
+            costs: dict[str, list[float]] = {s.name: [] for s in servers}
+            for _ in range(args.rounds):
+                for server in servers:
+                    began = cpu_seconds(server.pid)
+                    run = run_wrk(server.url, script, 50, args.seconds, threads=1)
+                    rates[server.name].append(run.requests_per_s)
+                    costs[server.name].append((cpu_seconds(server.pid) - began) / max(run.requests, 1) * 1e6)
+            first = statistics.median(rates[servers[0].name])
+            for server in servers:
+                rate, cost = statistics.median(rates[server.name]), statistics.median(costs[server.name])
+                mib = rate * parse_size(args.size) / (1 << 20)
+                ratio = rate / first
+                log(f"{server.name:>12}: {rate:10,.0f} req/s {mib:8,.0f} MiB/s ({ratio:.2f}x), {cost:.1f} µs CPU a hit")
+        finally:
+            PROCESSES.stop_all()
+
+
+if __name__ == "__main__":
+    main()
