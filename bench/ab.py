@@ -2,13 +2,13 @@
 what a change to the hit path gives, in req/s and in server CPU per request.
 
     .venv/bin/python bench/ab.py --size 4KiB before=/path/to/main after=.
-    .venv/bin/python bench/ab.py --size 1MiB --nginx --disk 'memory_limit = 0' main=/work/main mine=.
-    .venv/bin/python bench/ab.py uvloop=.@event_loop=uvloop asyncio=.
+    .venv/bin/python bench/ab.py --size 1MiB --nginx --disk memory_limit=0 main=/work/main mine=.
+    .venv/bin/python bench/ab.py 'uvloop=.@event_loop="uvloop"' asyncio=.
 
 Each NAME=CHECKOUT[@KEY=VALUE,...] runs ``CHECKOUT/.venv/bin/casproxy serve`` (its own virtualenv,
-so its own code) with an fs source and a disk cache, the access log on (to a file), any
-``[server]`` keys given; ``--disk`` adds lines to the disk tier. Servers on core 0, wrk
-(``-t1 -c50``) on core 1; medians of the rounds.
+so its own code) as bench/peers.py runs casproxy (an fs source, a disk cache, the access log
+on), with the ``[server]`` keys given; ``--disk KEY=VALUE`` sets disk tier options (default:
+the tier's defaults). Servers on core 0, wrk (``-t1 -c50``) on core 1; medians of the rounds.
 """
 
 from __future__ import annotations
@@ -17,31 +17,35 @@ import argparse
 import os
 import statistics
 import tempfile
+import tomllib
 from pathlib import Path
+from typing import Any
 
-from harness import PROCESSES, Server, cpu_seconds, free_port, log, start_nginx, wait_until_ok
+import peers
+from harness import PROCESSES, Server, cpu_seconds, log, start_nginx, wait_until_ok
 from loadgen import rotation_script, run_wrk
 from peers import write_blob
 
 from proxy.units import parse_size
 
 
-def casproxy(workdir: Path, name: str, spec: str, blobs: Path, disk: str) -> Server:
-    checkout, _, keys = spec.partition("@")
-    server = dict(pair.split("=", 1) for pair in keys.split(",") if pair)
-    server.setdefault("access_log", "true")
-    port = free_port()
-    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", *(f"{k} = {v}" for k, v in server.items())]
-    lines += ["[[tiers]]", 'name = "disk"', 'kind = "disk"', 'role = "cache"', f'path = "{workdir}/cache-{name}"', disk]
-    lines += ["[[tiers]]", 'name = "local"', 'kind = "fs"', 'role = "source"', f'path = "{blobs}"']
-    lines += ["[uploads]", 'targets = ["disk"]', ""]
-    config = workdir / f"{name}.toml"
-    config.write_text("\n".join(lines))
+def toml_values(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs, each VALUE a TOML value (2, false, "uvloop", "16 MiB")."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        values[key] = tomllib.loads(f"value = {value}")["value"]
+    return values
+
+
+def casproxy(workdir: Path, spec: str, blobs: Path, disk: dict[str, Any]) -> Server:
+    """NAME=CHECKOUT[@KEY=VALUE,...]: that checkout's own casproxy, as peers.py starts one."""
+    name, _, rest = spec.partition("=")
+    checkout, _, keys = rest.partition("@")
+    source = {"name": "local", "kind": "fs", "role": "source", "path": str(blobs)}
     binary = Path(checkout).resolve() / ".venv" / "bin" / "casproxy"
-    log_path = workdir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
-    proc = PROCESSES.spawn(["taskset", "-c", "0", str(binary), "serve", "-c", str(config)], log_path, env=env)
-    return Server(name, f"http://127.0.0.1:{port}", proc, log_path)
+    server = toml_values([pair for pair in keys.split(",") if pair])
+    return peers.casproxy(workdir, name, source, binary=binary, memory=disk, **server)
 
 
 def main() -> None:
@@ -51,7 +55,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--nginx", action="store_true", help="also nginx static on the same files, first")
-    parser.add_argument("--disk", default="", help="extra lines for the disk tier, e.g. 'memory_limit = 0'")
+    parser.add_argument(
+        "--disk", action="append", default=[], metavar="KEY=VALUE", help="a disk tier option, e.g. memory_limit=0"
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})  # wrk inherits core 1
     with tempfile.TemporaryDirectory(prefix="casproxy-ab-") as folder:
@@ -61,9 +67,7 @@ def main() -> None:
         hashes = [write_blob(blobs, parse_size(args.size)) for _ in range(4)]
         try:
             servers = [start_nginx(workdir, blobs, hashes[0])] if args.nginx else []
-            for spec in args.servers:
-                name, _, rest = spec.partition("=")
-                servers.append(casproxy(workdir, name, rest, blobs, args.disk))
+            servers += [casproxy(workdir, spec, blobs, toml_values(args.disk)) for spec in args.servers]
             for server in servers:
                 wait_until_ok(f"{server.url}/sha1/{hashes[0]}", server.proc, server.log_path)
             script = rotation_script(workdir / "rotate.lua", [f"/sha1/{h}" for h in hashes])

@@ -135,7 +135,14 @@ def varnish(workdir: Path, upstream: Server) -> Server:
     return Server("varnish", f"http://127.0.0.1:{port}", proc, log_path)
 
 
-def casproxy(workdir: Path, name: str, source: dict[str, Any], cpus: str | None = SERVER_CPUS, **server: Any) -> Server:
+def casproxy(
+    workdir: Path,
+    name: str,
+    source: dict[str, Any],
+    cpus: str | None = SERVER_CPUS,
+    binary: Path = CASPROXY,
+    **server: Any,
+) -> Server:
     port = free_port()
     memory = server.pop("memory", {"memory_limit": "512 MiB", "memory_item_limit": "16 MiB"})
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}"]
@@ -148,7 +155,7 @@ def casproxy(workdir: Path, name: str, source: dict[str, Any], cpus: str | None 
     config = workdir / f"{stem}.toml"
     config.write_text("\n".join(lines) + "\n")
     log_path = workdir / f"{stem}.log"  # the access log goes here: every request is logged
-    proc = PROCESSES.spawn(pinned([str(CASPROXY), "serve", "-c", str(config)], cpus), log_path, env=child_env())
+    proc = PROCESSES.spawn(pinned([str(binary), "serve", "-c", str(config)], cpus), log_path, env=child_env())
     return Server(name, f"http://127.0.0.1:{port}", proc, log_path)
 
 
