@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -74,17 +76,28 @@ class Signer:
 
 
 def load_secret(configured: str, directory: str) -> bytes:
-    """The configured secret, or one generated once and kept 0600 in ``directory``."""
+    """The configured secret, or one generated once and kept 0600 in ``directory``.
+
+    Workers starting together may all generate one: each writes its own temporary file and
+    links it into place, which fails if a secret is already there, so exactly one wins and
+    nobody ever reads a half-written file (nor does a crash leave an empty one)."""
     if configured:
         return configured.encode()
     path = os.path.join(directory, SECRET_FILE)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, "rb") as file:
-            return file.read().strip()
-    with os.fdopen(fd, "wb") as file:
-        file.write(secrets.token_hex(32).encode())
+    if not os.path.exists(path):
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{SECRET_FILE}.")  # 0600
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(secrets.token_hex(32).encode())
+                file.flush()
+                os.fsync(file.fileno())
+            with contextlib.suppress(FileExistsError):  # another process won: use its secret
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
     with open(path, "rb") as file:
-        return file.read().strip()
+        secret = file.read().strip()
+    if len(secret) < MIN_SECRET:
+        raise ConfigError(f"{path}: {len(secret)} bytes, not a generated secret; delete it to have one generated")
+    return secret

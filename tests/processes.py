@@ -60,6 +60,9 @@ class ProxyProcess:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
+        # pytest shows a test's captured output when it fails: the server's side of the story.
+        if self.log.exists():
+            print(f"--- {self.log} ---\n{self.log.read_text(errors='replace')[-20_000:]}")
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.digest import Digest
-from proxy.errors import Forbidden, TicketExpired
+from proxy.errors import ConfigError, Forbidden, TicketExpired
 from proxy.tickets import Signer, load_secret
 from tests.conftest import ProxyFactory, make_blob, write_config
 
@@ -51,6 +53,43 @@ def test_generated_secret_is_private_and_stable(tmp_path: Path) -> None:
     mode = stat.S_IMODE(os.stat(tmp_path / "state" / "ticket_secret").st_mode)
     assert mode == 0o600
     assert load_secret("configured", str(tmp_path / "state")) == b"configured"
+
+
+def test_workers_generating_the_secret_at_once_all_get_the_same_whole_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers start on a fresh cache: the first is still writing its secret when the second
+    looks. (Measured: one worker read an empty file and exited, taking the server down.)"""
+    state = str(tmp_path / "state")
+    second_done = threading.Event()
+    generate = secrets.token_hex
+    calls: list[str] = []
+
+    def slow_first(nbytes: int) -> str:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            assert second_done.wait(10)  # the first writer is held until the second has its secret
+        return generate(nbytes)
+
+    monkeypatch.setattr("proxy.tickets.secrets.token_hex", slow_first)
+    results: dict[str, bytes] = {}
+    first = threading.Thread(target=lambda: results.update(first=load_secret("", state)), name="first")
+    first.start()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:  # until the first writer is inside
+        time.sleep(0.001)
+    results["second"] = load_secret("", state)
+    second_done.set()
+    first.join(10)
+    assert len(results["second"]) == 64 and results["first"] == results["second"]
+    assert load_secret("", state) == results["second"]
+    assert os.listdir(state) == ["ticket_secret"]  # no temporary file left
+
+
+def test_a_secret_file_that_is_not_one_is_named(tmp_path: Path) -> None:
+    (tmp_path / "ticket_secret").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"ticket_secret: 0 bytes.*delete it"):
+        load_secret("", str(tmp_path))
 
 
 @pytest.fixture
