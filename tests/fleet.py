@@ -111,9 +111,10 @@ class Fleet:
 
 @contextlib.asynccontextmanager
 async def running_fleet(
-    folder: Path, size: int, bucket: Bucket, origin: Origin, redis_url: str | None
+    folder: Path, size: int, bucket: Bucket, origin: Origin, redis_url: str | None, **origin_options: object
 ) -> AsyncIterator[Fleet]:
-    """``size`` instances: own disk cache, then the shared bucket (role cache), then the origin."""
+    """``size`` instances: own disk cache, then the shared bucket (role cache), then the origin
+    (its tier's config plus ``origin_options``)."""
     instances = []
     for index in range(size):
         home = folder / f"instance-{index}"
@@ -125,7 +126,8 @@ async def running_fleet(
         tiers = [
             {"name": "disk", "kind": "disk", "role": "cache", "path": str(home / "cache"), "min_free": 0},
             bucket.tier("bucket", role="cache"),
-            {"name": "origin", "kind": "http", "url": origin.url, "headers": {INSTANCE_HEADER: str(index)}},
+            {"name": "origin", "kind": "http", "url": origin.url, "headers": {INSTANCE_HEADER: str(index)}}
+            | origin_options,
         ]
         config = write_config(home / "config.toml", tiers, **sections)
         instances.append(ProxyProcess(config, port, home / "casproxy.log"))

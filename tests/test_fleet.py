@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Bucket, make_blob
-from tests.fleet import Fleet, Origin, own_moto, running_fleet, serving, sha1_of_get
+from tests.fleet import FIRST_CHUNK, Fleet, Origin, own_moto, running_fleet, serving, sha1_of_get
 from tests.processes import wait_until
 from tests.redis_server import RedisServer
 
@@ -129,9 +129,14 @@ async def test_without_coalesce_url_each_instance_fetches_for_itself(
 ) -> None:
     """The baseline the claims improve on: one fetch per machine."""
     origin.hold = asyncio.Event()
-    data, digest = make_blob(1000)
+    # Larger than the origin's first chunk, so every fetch is held mid-body and no instance can
+    # fill the shared bucket before the last one has asked the origin (a 1000-byte blob was sent
+    # whole before the hold: on a loaded machine a late instance found it in the bucket).
+    data, digest = make_blob(FIRST_CHUNK + 1000)
     origin.blobs[digest] = data
-    async with running_fleet(tmp_path / "fleet", 3, bucket, origin, None) as fleet, aiohttp.ClientSession() as session:
+    # A held fetch delivers nothing: no rate floor, or a slow third instance fails the first.
+    fleet_of_three = running_fleet(tmp_path / "fleet", 3, bucket, origin, None, min_rate=0)
+    async with fleet_of_three as fleet, aiohttp.ClientSession() as session:
         requests = asyncio.ensure_future(everyone_gets(session, fleet, digest))
         await wait_until(lambda: origin.count(digest) == 3, 60, f"every instance to ask the origin: {origin.fetches}")
         origin.hold.set()
