@@ -4,6 +4,11 @@ what a change to the hit path gives, in req/s and in server CPU per request.
     .venv/bin/python bench/ab.py --size 4KiB before=/path/to/main after=.
     .venv/bin/python bench/ab.py --size 1MiB --nginx --disk memory_limit=0 main=/work/main mine=.
     .venv/bin/python bench/ab.py 'uvloop=.@event_loop="uvloop"' asyncio=.
+    .venv/bin/python bench/ab.py --mix 100 before=/path/to/main after=.
+
+``--mix N`` makes one request in N one for a blob nobody has (aiohttp's 404), as a client
+checking for blobs between its reads: each such request is aiohttp's to answer on that
+keep-alive connection, and the hits after it show what the connection costs from then on.
 
 Each NAME=CHECKOUT[@KEY=VALUE,...] runs ``CHECKOUT/.venv/bin/casproxy serve`` (its own virtualenv,
 so its own code) as bench/peers.py runs casproxy (an fs source, a disk cache, the access log
@@ -55,6 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--nginx", action="store_true", help="also nginx static on the same files, first")
+    parser.add_argument("--mix", type=int, default=0, metavar="N", help="one request in N a 404 (0: none)")
     parser.add_argument(
         "--disk", action="append", default=[], metavar="KEY=VALUE", help="a disk tier option, e.g. memory_limit=0"
     )
@@ -70,7 +76,10 @@ def main() -> None:
             servers += [casproxy(workdir, spec, blobs, toml_values(args.disk)) for spec in args.servers]
             for server in servers:
                 wait_until_ok(f"{server.url}/sha1/{hashes[0]}", server.proc, server.log_path)
-            script = rotation_script(workdir / "rotate.lua", [f"/sha1/{h}" for h in hashes])
+            paths = [f"/sha1/{h}" for h in hashes]
+            if args.mix:  # N-1 hits in turn, then one blob nobody has
+                paths = [paths[i % len(paths)] for i in range(args.mix - 1)] + [f"/sha1/{'0' * 40}"]
+            script = rotation_script(workdir / "rotate.lua", paths)
             for server in servers:  # a warm-up each: memory caches, page cache, connections
                 run_wrk(server.url, script, 50, 1, threads=1)
             rates: dict[str, list[float]] = {s.name: [] for s in servers}

@@ -19,7 +19,7 @@ from proxy.config import load_config
 from proxy.server.fastpath import FastPathRunner
 from proxy.server.keys import STORE
 from tests.conftest import ProxyFactory, ProxyServer, free_port, make_blob, write_config
-from tests.processes import ProxyProcess
+from tests.processes import ProxyProcess, wait_until
 
 Client = TestClient[web.Request, web.Application]
 Response = tuple[int, dict[str, str], bytes]
@@ -433,3 +433,111 @@ async def test_json_access_line(make_proxy: ProxyFactory, tmp_path: Path, caplog
     assert {"method": "HEAD", "path": f"/sha1/{digest}", "status": 200, "cache": "HIT", "tier": "disk"}.items() <= (
         fields[-1] or {}
     ).items()
+
+
+def taken_back(client: Client) -> int:
+    runner = client.server.runner
+    assert isinstance(runner, FastPathRunner)
+    return runner.hot.taken_back
+
+
+async def test_a_connection_lent_to_aiohttp_comes_back_for_hits(pair: tuple[Client, Client], tmp_path: Path) -> None:
+    """One keep-alive connection: a miss, a POST with a body and a 404 are aiohttp's; each hit
+    after them is the fast path's again, with the same bytes as without it."""
+    fast, slow = pair
+    hot, hot_digest = await warm(pair, tmp_path, 3000)
+    cold, cold_digest = make_blob(70_000)
+    (tmp_path / "blobs" / cold_digest).write_bytes(cold)
+    missing = '{"hashes": ["' + make_blob(10)[1] + '"]}'
+    steps: list[tuple[bytes, str, bool]] = [  # (request, method, answered by the fast path)
+        (get(f"/sha1/{cold_digest}"), "GET", False),
+        (get(f"/sha1/{hot_digest}"), "GET", True),
+        (
+            get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(missing)}", method="POST")
+            + missing.encode(),
+            "POST",
+            False,
+        ),
+        (get(f"/sha1/{hot_digest}", "Range: bytes=1-2"), "GET", True),
+        (get(f"/sha1/{make_blob(11)[1]}"), "GET", False),
+        (get(f"/sha1/{hot_digest}", method="HEAD"), "HEAD", True),
+    ]
+    answers: dict[str, list[Response]] = {}
+    for name, client in (("fast", fast), ("slow", slow)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        answers[name] = []
+        try:
+            for request, method, by_fast_path in steps:
+                before, returns = answered(fast), taken_back(fast)
+                writer.write(request)
+                answers[name].append(comparable(await asyncio.wait_for(read_response(reader, method), 10)))
+                if name == "fast":
+                    assert answered(fast) == before + by_fast_path, request
+                    assert taken_back(fast) == returns + by_fast_path, request
+        finally:
+            writer.close()
+    assert answers["fast"] == answers["slow"]
+    assert [status for status, _, _ in answers["fast"]] == [200, 200, 200, 206, 404, 200]
+    assert answers["fast"][0][2] == cold and answers["fast"][1][2] == hot
+
+
+async def test_a_request_split_after_a_lent_one_stays_aiohttps(pair: tuple[Client, Client], tmp_path: Path) -> None:
+    """A miss, then half of a hit's head in the same packet: aiohttp's parser holds that half,
+    so the rest of it must go to aiohttp too (the fast path takes the connection back only
+    between requests); the hit after it is the fast path's."""
+    fast, _ = pair
+    hot, hot_digest = await warm(pair, tmp_path, 2000)
+    cold, cold_digest = make_blob(5000)
+    (tmp_path / "blobs" / cold_digest).write_bytes(cold)
+    hit = get(f"/sha1/{hot_digest}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", fast.port)
+    try:
+        before, returns = answered(fast), taken_back(fast)
+        writer.write(get(f"/sha1/{cold_digest}") + hit[:10])
+        assert (await asyncio.wait_for(read_response(reader), 10))[2] == cold
+        await fast.app[STORE].wait_idle()
+        writer.write(hit[10:])
+        assert (await asyncio.wait_for(read_response(reader), 10))[2] == hot
+        assert (answered(fast), taken_back(fast)) == (before, returns)  # aiohttp answered both
+        writer.write(hit)
+        assert (await asyncio.wait_for(read_response(reader), 10))[2] == hot
+        assert (answered(fast), taken_back(fast)) == (before + 1, returns + 1)
+    finally:
+        writer.close()
+
+
+async def test_a_connection_back_from_aiohttp_keeps_its_keep_alive(tmp_path: Path) -> None:
+    """aiohttp's keep-alive timer, started after the miss it answered, must not close the
+    connection the fast path then serves hits on; the fast path's own closes it when idle; and
+    aiohttp's server forgets the connection when it ends."""
+    (tmp_path / "blobs").mkdir()
+    hot, hot_digest = make_blob(100)
+    cold, cold_digest = make_blob(200)
+    for data, digest in ((hot, hot_digest), (cold, cold_digest)):
+        (tmp_path / "blobs" / digest).write_bytes(data)
+    tiers = [
+        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
+        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+    ]
+    path = write_config(tmp_path / "c.toml", tiers, uploads={"targets": ["local"]})
+    server = ProxyServer(load_config(str(path), environ={}), keepalive_timeout=1.0, host="127.0.0.1")
+    await server.start_server()
+    assert server.port is not None and isinstance(server.runner, FastPathRunner)
+    aiohttp_server = web.AppRunner.server.__get__(server.runner)  # the web.Server behind the fast path
+    try:
+        await raw_answer_until_closed(server.port, get(f"/sha1/{hot_digest}", "Connection: close"))
+        await server.app[STORE].wait_idle()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(get(f"/sha1/{cold_digest}"))  # aiohttp's
+        assert (await asyncio.wait_for(read_response(reader), 10))[2] == cold
+        for _ in range(4):  # hits every 0.4 s: past aiohttp's timer (1 s after the miss)
+            await asyncio.sleep(0.4)
+            writer.write(get(f"/sha1/{hot_digest}"))
+            assert (await asyncio.wait_for(read_response(reader), 10))[2] == hot
+        assert len(aiohttp_server.connections) == 1
+        assert await asyncio.wait_for(reader.read(1), 10) == b""  # then closed, idle
+        writer.close()
+        assert (server.runner.hot.answered, server.runner.hot.taken_back) == (4, 1)
+        await wait_until(lambda: not aiohttp_server.connections, 10, "aiohttp to forget the connection")
+    finally:
+        await server.close()

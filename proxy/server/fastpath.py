@@ -3,9 +3,10 @@
 A GET or HEAD of a blob held in process memory (``Composite.peek``) is answered here from
 prebuilt header bytes and the blob's bytes: a few microseconds of Python instead of an aiohttp
 request cycle. Every other request, and every one this module is unsure of, goes to aiohttp on
-the same connection: from that request on, the connection belongs to aiohttp's RequestHandler
-(``transport.set_protocol``), which gets the bytes not yet answered. Responses so stay in order
-under pipelining, and everything this module does not implement (bodies, chunked requests,
+the same connection: from that request on, aiohttp's RequestHandler gets the bytes not yet
+answered (this protocol forwards them), until it has answered them and waits for more; then the
+next request is this module's again (server/handoff.py). Responses so stay in order under
+pipelining, and everything this module does not implement (bodies, chunked requests,
 HTTP/1.0, Expect, tickets, requests with an Origin, If-Match, errors, smuggling attempts) keeps
 aiohttp's answer.
 
@@ -14,10 +15,6 @@ MAX_HEAD bytes; httptools parses it as one complete HTTP/1.1 message without a b
 or HEAD of exactly ``/sha1/<40 hex>`` or ``/sha256/<64 hex>`` (no query: tickets live there);
 no header in UNSURE is present and none is repeated (two Ranges, two Hosts: ambiguous); no
 Range on HEAD; a Range is one satisfiable ``bytes=`` range or absent; the blob is in memory.
-
-Once a connection is aiohttp's it stays aiohttp's: a client that had one miss on a keep-alive
-connection is served by aiohttp on it from then on: taking it back would need to know that
-aiohttp's parser holds no partial request, which aiohttp does not expose.
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ from proxy.errors import RangeNotSatisfiable
 from proxy.server.accesslog import AccessLog, new_request_id
 from proxy.server.blobs import CACHE_CONTROL
 from proxy.server.cors import CORS
+from proxy.server.handoff import Framing, aiohttp_idle, quiet
 from proxy.server.keys import STORE
 from proxy.server.metrics import count_request
 from proxy.server.responses import etag_matches, parse_range
@@ -85,6 +83,7 @@ class HotHits:
         self._second = 0
         self._tail = b""
         self.answered = 0  # requests answered here, not by aiohttp (tests read it)
+        self.taken_back = 0  # times a connection lent to aiohttp came back (tests read it)
         self.connections: set[FastPath] = set()  # not yet handed to aiohttp: closed here at shutdown
 
     def head(self, digest: str, tier: str, hit: bool, length: int) -> bytes:
@@ -112,8 +111,8 @@ class HotHits:
 
 
 class FastPath(asyncio.Protocol):
-    """One connection: answers hot hits until the first request it leaves to aiohttp, then
-    hands the connection to aiohttp's RequestHandler for good."""
+    """One connection: answers hot hits, and lends the connection to aiohttp's RequestHandler
+    for the requests it leaves to aiohttp, until aiohttp is done with them."""
 
     def __init__(self, handler: RequestHandler, hot: HotHits) -> None:
         self.handler = handler
@@ -123,6 +122,8 @@ class FastPath(asyncio.Protocol):
         self.buffer = b""
         self.writing_paused = False
         self.closing = False
+        self.lent = False  # aiohttp's for now: the bytes go to it
+        self.framing: Framing | None = None  # the bytes aiohttp was given, from the first loan
         self.parser = httptools.HttpRequestParser(self)
         self.last_request = 0.0  # loop time of the last bytes received
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -174,10 +175,11 @@ class FastPath(asyncio.Protocol):
         self.idle_timer = loop.call_later(self.handler.keepalive_timeout, self._close_if_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Only until hand-off: after it the transport reports to aiohttp's handler.
         self.closing = True
         self._stop_idle_timer()
         self.hot.connections.discard(self)
+        if self.framing is not None:  # aiohttp met the connection: its handler ends with it
+            self.handler.connection_lost(exc)
 
     def close(self) -> None:
         """Close at shutdown (what is written is sent first)."""
@@ -206,12 +208,18 @@ class FastPath(asyncio.Protocol):
         return None  # the transport closes once what was written is sent
 
     def pause_writing(self) -> None:
+        if self.lent:
+            self.handler.pause_writing()
+            return
         # The client reads slower than hits are answered: read no more requests until it catches up.
         self.writing_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.lent:
+            self.handler.resume_writing()
+            return
         self.writing_paused = False
         if self.transport is not None and not self.closing:
             self.transport.resume_reading()
@@ -219,6 +227,9 @@ class FastPath(asyncio.Protocol):
                 self.data_received(b"")
 
     def data_received(self, data: bytes) -> None:
+        if self.lent and (not data or not self._take_back()):
+            self._lend(data)
+            return
         if data:
             self.last_request = asyncio.get_running_loop().time()
         if self.buffer:
@@ -248,15 +259,33 @@ class FastPath(asyncio.Protocol):
     # -- the fast path ---------------------------------------------------------------------
 
     def _hand_off(self, data: bytes) -> None:
-        """From here on aiohttp answers on this connection, starting with ``data``."""
+        """aiohttp answers on this connection, starting with ``data``, until _take_back."""
         assert self.transport is not None
-        self.closing = True  # this protocol sees no more bytes
+        self.lent = True
         self._stop_idle_timer()  # aiohttp's own keep-alive timer takes over
-        self.hot.connections.discard(self)
-        self.handler.connection_made(self.transport)
-        self.transport.set_protocol(self.handler)
-        if data:
-            self.handler.data_received(data)
+        self.hot.connections.discard(self)  # aiohttp's server closes it at shutdown
+        if self.framing is None:
+            self.framing = Framing()
+            self.handler.connection_made(self.transport)  # its request loop, for the connection's life
+        self._lend(data)
+
+    def _lend(self, data: bytes) -> None:
+        assert self.framing is not None
+        self.framing.feed(data)
+        self.handler.data_received(data)
+
+    def _take_back(self) -> bool:
+        """Whether the next request is this module's again: aiohttp has answered every request
+        it was given and holds no part of another (server/handoff.py)."""
+        assert self.framing is not None
+        if self.closing or not self.framing.between_messages or not aiohttp_idle(self.handler):
+            return False
+        quiet(self.handler)
+        self.lent = False
+        self.hot.connections.add(self)
+        self.hot.taken_back += 1
+        self.idle_timer = asyncio.get_running_loop().call_later(self.handler.keepalive_timeout, self._close_if_idle)
+        return True
 
     def _answer(self, head: bytes) -> bool:
         """Answer one request head if it is a hot hit this module is sure of; False leaves it
