@@ -110,24 +110,11 @@ class HotHits:
         return self._tail
 
 
-class FastPath(asyncio.Protocol):
-    """One connection: answers hot hits, and lends the connection to aiohttp's RequestHandler
-    for the requests it leaves to aiohttp, until aiohttp is done with them."""
+class HeadParser:
+    """One request head at a time, parsed by httptools into the fields the fast path reads."""
 
-    def __init__(self, handler: RequestHandler, hot: HotHits) -> None:
-        self.handler = handler
-        self.hot = hot
-        self.transport: asyncio.Transport | None = None
-        self.remote = "-"
-        self.buffer = b""
-        self.writing_paused = False
-        self.closing = False
-        self.lent = False  # aiohttp's for now: the bytes go to it
-        self.framing: Framing | None = None  # the bytes aiohttp was given, from the first loan
+    def __init__(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
-        self.last_request = 0.0  # loop time of the last bytes received
-        self.idle_timer: asyncio.TimerHandle | None = None
-        # per request, filled by the parser's callbacks
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.repeated = False
@@ -135,6 +122,17 @@ class FastPath(asyncio.Protocol):
         self.keep_alive = False
         self.version = ""
         self.method = b""
+
+    def parse(self, head: bytes) -> bool:
+        """Whether ``head`` is one complete HTTP/1.1 request without a body, no header repeated."""
+        self.url = b""
+        self.headers = {}
+        self.repeated = self.complete = False
+        try:
+            self.parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return False
+        return self.complete and not self.repeated and self.version == "1.1"
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -155,6 +153,25 @@ class FastPath(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+
+
+class FastPath(HeadParser, asyncio.Protocol):
+    """One connection: answers hot hits, and lends the connection to aiohttp's RequestHandler
+    for the requests it leaves to aiohttp, until aiohttp is done with them."""
+
+    def __init__(self, handler: RequestHandler, hot: HotHits) -> None:
+        super().__init__()
+        self.handler = handler
+        self.hot = hot
+        self.transport: asyncio.Transport | None = None
+        self.remote = "-"
+        self.buffer = b""
+        self.writing_paused = False
+        self.closing = False
+        self.lent = False  # aiohttp's for now: the bytes go to it
+        self.framing: Framing | None = None  # the bytes aiohttp was given, from the first loan
+        self.last_request = 0.0  # loop time of the last bytes received
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -291,16 +308,7 @@ class FastPath(asyncio.Protocol):
         """Answer one request head if it is a hot hit this module is sure of; False leaves it
         (and everything after it) to aiohttp."""
         started = time.perf_counter()
-        if not head.startswith(_PREFIXES) or b"\n\n" in head:
-            return False
-        self.url = b""
-        self.headers = {}
-        self.repeated = self.complete = False
-        try:
-            self.parser.feed_data(head)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            return False
-        if not self.complete or self.repeated or self.version != "1.1":
+        if not head.startswith(_PREFIXES) or b"\n\n" in head or not self.parse(head):
             return False
         headers = self.headers
         if not UNSURE.isdisjoint(headers):
