@@ -617,3 +617,48 @@ async def test_a_stalled_head_after_a_lent_request_is_closed(tmp_path: Path, fas
             writer.close()
     finally:
         await server.close()
+
+
+def chunked_missing(body: str, split: int) -> tuple[bytes, bytes]:
+    """A chunked POST /sha1/missing, cut into two packets at split."""
+    raw = get("/sha1/missing", "Content-Type: application/json", "Transfer-Encoding: chunked", method="POST")
+    raw += f"{len(body):x};ext=1\r\n{body}\r\n0\r\n\r\n".encode()
+    return raw[:split], raw[split:]
+
+
+@pytest.mark.parametrize("case", ["queue", "chunked"])
+async def test_take_back_after_many_pipelined_and_split_bodies(
+    pair: tuple[Client, Client], tmp_path: Path, case: str
+) -> None:
+    """40 pipelined 404s (past aiohttp's queue of 32), or a chunked body split across packets with
+    a hit behind it in the second: the same answers, in order, with and without the fast path; the
+    hit after them is the fast path's."""
+    fast, slow = pair
+    hot, hot_digest = await warm(pair, tmp_path, 2000)
+    missing = '{"hashes": ["' + make_blob(10)[1] + '"]}'
+    if case == "queue":
+        packets = [b"".join(get(f"/sha1/{make_blob(20 + i)[1]}") for i in range(40))]
+        methods = ["GET"] * 40
+    else:
+        head, rest = chunked_missing(missing, len(get("/sha1/missing")) + 40)
+        packets = [head, rest + get(f"/sha1/{hot_digest}")]
+        methods = ["POST", "GET"]
+    answers = {}
+    for name, client in (("fast", fast), ("slow", slow)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            for packet in packets:
+                writer.write(packet)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            answers[name] = [comparable(await asyncio.wait_for(read_response(reader, m), 10)) for m in methods]
+            if name == "fast":
+                await wait_until(lambda: aiohttp_settled(fast), 10, "aiohttp to wait for a request")
+                before = answered(fast)
+            writer.write(get(f"/sha1/{hot_digest}"))
+            answers[name].append(comparable(await asyncio.wait_for(read_response(reader), 10)))
+        finally:
+            writer.close()
+    assert answers["fast"] == answers["slow"]
+    assert answers["fast"][-1][2] == hot
+    assert answered(fast) == before + 1
