@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from proxy.config import load_config
 from proxy.server.fastpath import FastPathRunner
+from proxy.server.handoff import aiohttp_idle
 from proxy.server.keys import STORE
 from tests.conftest import ProxyFactory, ProxyServer, free_port, make_blob, write_config
 from tests.processes import ProxyProcess, wait_until
@@ -541,3 +542,123 @@ async def test_a_connection_back_from_aiohttp_keeps_its_keep_alive(tmp_path: Pat
         await wait_until(lambda: not aiohttp_server.connections, 10, "aiohttp to forget the connection")
     finally:
         await server.close()
+
+
+def aiohttp_settled(client: Client) -> bool:
+    """Whether every connection aiohttp's handler met waits, idle, for a next request (the
+    fast path takes such a connection back on its next bytes)."""
+    runner = client.server.runner
+    assert runner is not None
+    inner = web.AppRunner.server.__get__(runner)
+    return bool(inner.connections) and all(aiohttp_idle(handler) for handler in inner.connections)
+
+
+async def test_a_lent_head_with_a_body_does_not_skew_the_fast_paths_parser(
+    pair: tuple[Client, Client], tmp_path: Path
+) -> None:
+    """A GET /sha1/... with a body is aiohttp's; the fast path's own parser was fed its head
+    and so waits for the body. After take-back the next head must not be read as that body: here
+    the first bytes of a valid request (its request line and Content-Length) would vanish into it,
+    the rest parse as a hit, and the request's body be answered as one more request."""
+    fast, slow = pair
+    hot, hot_digest = await warm(pair, tmp_path, 2000)
+    cold, cold_digest = make_blob(3000)
+    (tmp_path / "blobs" / cold_digest).write_bytes(cold)
+    smuggled = get(f"/sha1/{hot_digest}", method="HEAD")
+    hidden = f"GET /sha1/{cold_digest} HTTP/1.1\r\nContent-Length: {len(smuggled)}\r\nX: ".encode()
+    first = get(f"/sha1/{hot_digest}", f"Content-Length: {len(hidden)}") + b"x" * len(hidden)
+    # One valid request: a GET of the cold blob with headers X and Host, and a body of len(smuggled)
+    second = hidden + get(f"/sha1/{hot_digest}") + smuggled
+    probe = get(f"/sha1/{make_blob(12)[1]}")  # a 404: the answer after the second one's
+    for name, client in (("fast", fast), ("slow", slow)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            writer.write(first)
+            assert (await asyncio.wait_for(read_response(reader), 10))[2] == hot
+            if name == "fast":
+                await wait_until(lambda: aiohttp_settled(fast), 10, "aiohttp to wait for a request")
+            writer.write(second + probe)
+            status, _, body = await asyncio.wait_for(read_response(reader), 10)
+            assert (status, len(body)) == (200, len(cold)), name  # not the hot blob's 2000 bytes
+            assert body == cold
+            assert (await asyncio.wait_for(read_response(reader), 10))[0] == 404, name  # not a HEAD's
+        finally:
+            writer.close()
+        await client.app[STORE].wait_idle()
+    assert taken_back(fast) == 1
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("stalled", ["POST /upload HTTP/1.1\r\nHost:", "GET /sha1/"])
+async def test_a_stalled_head_after_a_lent_request_is_closed(tmp_path: Path, fast_path: bool, stalled: str) -> None:
+    """After a request aiohttp answered, a client sends part of a head and nothing more: aiohttp
+    closes such a connection after keepalive_timeout (its timer finds it waiting); so must the
+    fast path, whether it lends the partial head to aiohttp or holds it itself."""
+    (tmp_path / "blobs").mkdir()
+    cold, cold_digest = make_blob(200)
+    (tmp_path / "blobs" / cold_digest).write_bytes(cold)
+    tiers = [
+        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
+        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
+    ]
+    path = write_config(tmp_path / "c.toml", tiers, server={"fast_path": fast_path}, uploads={"targets": ["local"]})
+    server = ProxyServer(load_config(str(path), environ={}), keepalive_timeout=1.0, host="127.0.0.1")
+    await server.start_server()
+    assert server.port is not None
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(get(f"/sha1/{cold_digest}"))  # aiohttp's (a miss)
+            assert (await asyncio.wait_for(read_response(reader), 10))[2] == cold
+            await server.app[STORE].wait_idle()
+            writer.write(stalled.encode())
+            assert await asyncio.wait_for(reader.read(1), 8) == b""  # closed, well after 1 s
+        finally:
+            writer.close()
+    finally:
+        await server.close()
+
+
+def chunked_missing(body: str, split: int) -> tuple[bytes, bytes]:
+    """A chunked POST /sha1/missing, cut into two packets at split."""
+    raw = get("/sha1/missing", "Content-Type: application/json", "Transfer-Encoding: chunked", method="POST")
+    raw += f"{len(body):x};ext=1\r\n{body}\r\n0\r\n\r\n".encode()
+    return raw[:split], raw[split:]
+
+
+@pytest.mark.parametrize("case", ["queue", "chunked"])
+async def test_take_back_after_many_pipelined_and_split_bodies(
+    pair: tuple[Client, Client], tmp_path: Path, case: str
+) -> None:
+    """40 pipelined 404s (past aiohttp's queue of 32), or a chunked body split across packets with
+    a hit behind it in the second: the same answers, in order, with and without the fast path; the
+    hit after them is the fast path's."""
+    fast, slow = pair
+    hot, hot_digest = await warm(pair, tmp_path, 2000)
+    missing = '{"hashes": ["' + make_blob(10)[1] + '"]}'
+    if case == "queue":
+        packets = [b"".join(get(f"/sha1/{make_blob(20 + i)[1]}") for i in range(40))]
+        methods = ["GET"] * 40
+    else:
+        head, rest = chunked_missing(missing, len(get("/sha1/missing")) + 40)
+        packets = [head, rest + get(f"/sha1/{hot_digest}")]
+        methods = ["POST", "GET"]
+    answers = {}
+    for name, client in (("fast", fast), ("slow", slow)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            for packet in packets:
+                writer.write(packet)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            answers[name] = [comparable(await asyncio.wait_for(read_response(reader, m), 10)) for m in methods]
+            if name == "fast":
+                await wait_until(lambda: aiohttp_settled(fast), 10, "aiohttp to wait for a request")
+                before = answered(fast)
+            writer.write(get(f"/sha1/{hot_digest}"))
+            answers[name].append(comparable(await asyncio.wait_for(read_response(reader), 10)))
+        finally:
+            writer.close()
+    assert answers["fast"] == answers["slow"]
+    assert answers["fast"][-1][2] == hot
+    assert answered(fast) == before + 1

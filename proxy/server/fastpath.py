@@ -39,7 +39,7 @@ from proxy.errors import RangeNotSatisfiable
 from proxy.server.accesslog import AccessLog, new_request_id
 from proxy.server.blobs import CACHE_CONTROL
 from proxy.server.cors import CORS
-from proxy.server.handoff import Framing, aiohttp_idle, quiet
+from proxy.server.handoff import Framing, aiohttp_idle, quiet, rearm
 from proxy.server.keys import STORE
 from proxy.server.metrics import count_request
 from proxy.server.responses import etag_matches, parse_range
@@ -210,7 +210,9 @@ class FastPath(HeadParser, asyncio.Protocol):
         loop = asyncio.get_running_loop()
         idle = loop.time() - self.last_request
         timeout = self.handler.keepalive_timeout
-        if idle >= timeout and not self.buffer and not self.transport.get_write_buffer_size():
+        # A buffer here is part of a head (requests that wait for the client to read wait behind
+        # a write buffer): a client that sends no more of it is closed, as aiohttp does.
+        if idle >= timeout and not self.transport.get_write_buffer_size():
             self.closing = True
             self.transport.close()
         else:
@@ -284,6 +286,8 @@ class FastPath(HeadParser, asyncio.Protocol):
         if self.framing is None:
             self.framing = Framing()
             self.handler.connection_made(self.transport)  # its request loop, for the connection's life
+        else:
+            rearm(self.handler)  # taken back before: quiet stopped aiohttp's timer
         self._lend(data)
 
     def _lend(self, data: bytes) -> None:
@@ -299,6 +303,9 @@ class FastPath(HeadParser, asyncio.Protocol):
             return False
         quiet(self.handler)
         self.lent = False
+        # This module's parser was fed the head of the first request lent, and no more of it: one
+        # with a body leaves it inside that body, where the next head would go.
+        self.parser = httptools.HttpRequestParser(self)
         self.hot.connections.add(self)
         self.hot.taken_back += 1
         self.idle_timer = asyncio.get_running_loop().call_later(self.handler.keepalive_timeout, self._close_if_idle)

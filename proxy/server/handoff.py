@@ -87,3 +87,15 @@ def quiet(handler: Any) -> None:
     if timer is not None:
         timer.cancel()
         handler._keepalive_handle = None
+
+
+def rearm(handler: Any) -> None:
+    """Start aiohttp's keep-alive timer again, as its connection_made does, when the fast path
+    lends it a connection it took back (``quiet`` stopped the timer, and aiohttp starts it only
+    after a response): a head that never completes is then closed as without the fast path."""
+    if getattr(handler, "_keepalive_handle", None) is not None or not handler.keepalive_timeout > 0:
+        return
+    loop = handler._loop
+    close_time = loop.time() + handler.keepalive_timeout
+    handler._next_keepalive_close_time = close_time
+    handler._keepalive_handle = loop.call_at(close_time, handler._process_keepalive)
