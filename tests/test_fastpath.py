@@ -662,3 +662,26 @@ async def test_take_back_after_many_pipelined_and_split_bodies(
     assert answers["fast"] == answers["slow"]
     assert answers["fast"][-1][2] == hot
     assert answered(fast) == before + 1
+
+
+async def test_no_take_back_behind_a_parser_other_than_llhttp(
+    pair: tuple[Client, Client], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS) may split a stream otherwise than
+    llhttp: a connection lent to it stays its own, and every answer is still right."""
+    import aiohttp.web_protocol
+    from aiohttp.http_parser import HttpRequestParserPy
+
+    monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser", HttpRequestParserPy)
+    fast, _ = pair
+    hot, hot_digest = await warm(pair, tmp_path, 2000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", fast.port)
+    try:
+        before, returns = answered(fast), taken_back(fast)
+        for path, want in ((f"/sha1/{make_blob(12)[1]}", 404), (f"/sha1/{hot_digest}", 200)):
+            writer.write(get(path))
+            status, _, body = await asyncio.wait_for(read_response(reader), 10)
+            assert status == want and (status != 200 or body == hot)
+        assert (answered(fast), taken_back(fast)) == (before, returns)
+    finally:
+        writer.close()

@@ -284,7 +284,7 @@ class FastPath(HeadParser, asyncio.Protocol):
         self._stop_idle_timer()  # aiohttp's own keep-alive timer takes over
         self.hot.connections.discard(self)  # aiohttp's server closes it at shutdown
         if self.framing is None:
-            self.framing = Framing()
+            self.framing = Framing(self.handler)
             self.handler.connection_made(self.transport)  # its request loop, for the connection's life
         else:
             rearm(self.handler)  # taken back before: quiet stopped aiohttp's timer

@@ -23,12 +23,16 @@ import httptools
 
 
 class Framing:
-    """Where the requests in a byte stream begin and end, and nothing else."""
+    """Where the requests in a byte stream begin and end, and nothing else: as aiohttp's
+    ``handler`` sees them, if its parser is llhttp too (aiohttp's C extension). Otherwise
+    (AIOHTTP_NO_EXTENSIONS, a platform without the wheel) the two could split a stream
+    differently, so the connection stays aiohttp's."""
 
-    def __init__(self) -> None:
+    def __init__(self, handler: Any) -> None:
         self._parser = httptools.HttpRequestParser(self)
         self._inside = False
-        self.broken = False  # an upgrade or bytes llhttp refuses: the connection stays aiohttp's
+        # an upgrade, bytes llhttp refuses, or another parser in aiohttp: the connection stays aiohttp's
+        self.broken = type(getattr(handler, "_parser", None)).__module__ != "aiohttp._http_parser"
 
     def on_message_begin(self) -> None:
         self._inside = True
