@@ -355,13 +355,12 @@ async def test_casproxy_serve_answers_pipelined_hits_and_misses(tmp_path: Path, 
     assert "Traceback" not in proxy.log.read_text()
 
 
-@pytest.mark.parametrize("fast_path", [True, False])
-async def test_idle_keep_alive_connections_are_closed(tmp_path: Path, fast_path: bool) -> None:
-    """After keepalive_timeout without a request the server closes, on both paths; a client
-    that keeps asking is not cut off."""
+async def keep_alive_server(tmp_path: Path, blobs: list[tuple[bytes, str]], fast_path: bool = True) -> ProxyServer:
+    """A started server, as `casproxy serve` builds one, closing idle connections after 1 s; the
+    blobs are in its fs source."""
     (tmp_path / "blobs").mkdir()
-    data, digest = make_blob(100)
-    (tmp_path / "blobs" / digest).write_bytes(data)
+    for data, digest in blobs:
+        (tmp_path / "blobs" / digest).write_bytes(data)
     tiers = [
         {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
         {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
@@ -369,6 +368,16 @@ async def test_idle_keep_alive_connections_are_closed(tmp_path: Path, fast_path:
     path = write_config(tmp_path / "c.toml", tiers, server={"fast_path": fast_path}, uploads={"targets": ["local"]})
     server = ProxyServer(load_config(str(path), environ={}), keepalive_timeout=1.0, host="127.0.0.1")
     await server.start_server()
+    assert server.port is not None
+    return server
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_idle_keep_alive_connections_are_closed(tmp_path: Path, fast_path: bool) -> None:
+    """After keepalive_timeout without a request the server closes, on both paths; a client
+    that keeps asking is not cut off."""
+    data, digest = make_blob(100)
+    server = await keep_alive_server(tmp_path, [(data, digest)], fast_path)
     assert server.port is not None
     try:
         await raw_answer_until_closed(server.port, get(f"/sha1/{digest}", "Connection: close"))  # the miss
@@ -511,18 +520,9 @@ async def test_a_connection_back_from_aiohttp_keeps_its_keep_alive(tmp_path: Pat
     """aiohttp's keep-alive timer, started after the miss it answered, must not close the
     connection the fast path then serves hits on; the fast path's own closes it when idle; and
     aiohttp's server forgets the connection when it ends."""
-    (tmp_path / "blobs").mkdir()
     hot, hot_digest = make_blob(100)
     cold, cold_digest = make_blob(200)
-    for data, digest in ((hot, hot_digest), (cold, cold_digest)):
-        (tmp_path / "blobs" / digest).write_bytes(data)
-    tiers = [
-        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
-        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
-    ]
-    path = write_config(tmp_path / "c.toml", tiers, uploads={"targets": ["local"]})
-    server = ProxyServer(load_config(str(path), environ={}), keepalive_timeout=1.0, host="127.0.0.1")
-    await server.start_server()
+    server = await keep_alive_server(tmp_path, [(hot, hot_digest), (cold, cold_digest)])
     assert server.port is not None and isinstance(server.runner, FastPathRunner)
     aiohttp_server = web.AppRunner.server.__get__(server.runner)  # the web.Server behind the fast path
     try:
@@ -594,16 +594,8 @@ async def test_a_stalled_head_after_a_lent_request_is_closed(tmp_path: Path, fas
     """After a request aiohttp answered, a client sends part of a head and nothing more: aiohttp
     closes such a connection after keepalive_timeout (its timer finds it waiting); so must the
     fast path, whether it lends the partial head to aiohttp or holds it itself."""
-    (tmp_path / "blobs").mkdir()
     cold, cold_digest = make_blob(200)
-    (tmp_path / "blobs" / cold_digest).write_bytes(cold)
-    tiers = [
-        {"name": "disk", "kind": "disk", "role": "cache", "path": str(tmp_path / "cache")},
-        {"name": "local", "kind": "fs", "role": "source", "path": str(tmp_path / "blobs")},
-    ]
-    path = write_config(tmp_path / "c.toml", tiers, server={"fast_path": fast_path}, uploads={"targets": ["local"]})
-    server = ProxyServer(load_config(str(path), environ={}), keepalive_timeout=1.0, host="127.0.0.1")
-    await server.start_server()
+    server = await keep_alive_server(tmp_path, [(cold, cold_digest)], fast_path)
     assert server.port is not None
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
