@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from proxy.config import load_config
 from proxy.server.app import create_app
 from proxy.server.fastpath import FastPathRunner, make_runner
+from proxy.server.workers import new_event_loop
 from tests.conftest import make_blob, write_config
 from tests.test_fastpath import Response, get, read_response
 
@@ -59,8 +60,8 @@ requests = st.one_of(
 class Servers:
     """Two servers on one loop in a thread: the fast path in front, and aiohttp alone."""
 
-    def __init__(self, folder: Path) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, folder: Path, event_loop: str) -> None:
+        self.loop = new_event_loop(event_loop)
         self.runners: list[web.AppRunner] = []
         self.ports: list[int] = []
         for fast_path in (True, False):
@@ -98,9 +99,11 @@ class Servers:
         self.loop.close()
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    servers = Servers(tmp_path_factory.mktemp("fastpath-fuzz"))
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Servers]:
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    servers = Servers(tmp_path_factory.mktemp("fastpath-fuzz"), request.param)
     # The hot blob in memory on both: the fast path answers it from its first request.
     for port in servers.ports:
         servers.run(converse(port, [(get(f"/sha1/{HOT_DIGEST}"), True, 0)]))
