@@ -160,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 async def cache_command(config: Config, action: str, hashes: list[str]) -> int:
     """``casproxy cache stats|check|purge``: one JSON object on stdout; exit 1 if check removed
     anything. diskcache is safe to share between processes, so the server may be running."""
+    from proxy.blocking import run
     from proxy.digest import Digest
     from proxy.preflight import preflight
     from proxy.service import build_store
@@ -167,7 +168,7 @@ async def cache_command(config: Config, action: str, hashes: list[str]) -> int:
 
     if (action == "purge") != bool(hashes):
         raise exits.UsageError("give HASH arguments with purge, and only with purge")
-    preflight(config)
+    await run(preflight, config)  # it looks at the tiers' folders: not on the loop
     digests = [Digest.parse(text) for text in hashes]
     damaged = False
     async with build_store(config) as store:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from proxy.blocking import run
 from proxy.database import Database
 from proxy.transfer.spec import TransferError, UsageError
 
@@ -118,9 +119,7 @@ class Checkpoint:
         checkpoint kept after success would skip blobs deleted from the target since.)"""
         await self.close()
         if self.path is not None:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path + suffix)
+            await run(_remove, [self.path + suffix for suffix in ("", "-wal", "-shm")])
 
     async def end(self, complete: bool) -> None:
         """Discard the checkpoint of a complete run with no problems (nothing is left to resume),
@@ -205,3 +204,9 @@ class Checkpoint:
             return await self._database.run(fn, *args)
         except sqlite3.Error as error:
             raise TransferError(f"checkpoint {self.path}: {error}") from error
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

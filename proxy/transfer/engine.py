@@ -126,7 +126,7 @@ class Transfer:
         expected = await hashes.count()
         for location in self.locations:
             checkpoint = self._checkpoint(location)
-            target = make_target(location, self.spec, self.store, executor, self._part_budget, self._stdout)
+            target = await make_target(location, self.spec, self.store, executor, self._part_budget, self._stdout)
             destination = Destination(location, target, checkpoint, self.store, self._reporter)
             destination.tally.total = expected
             self.destinations.append(destination)
@@ -137,7 +137,7 @@ class Transfer:
 
     async def _import(self, executor: ThreadPoolExecutor) -> None:
         tier = into_tier(self.store, self.into)
-        source = make_source(self.location, self.spec, self.store, executor, self._stdin)
+        source = await make_source(self.location, self.spec, self.store, executor, self._stdin)
         checkpoint = self._checkpoint(self.location, tier.name)
         run = Import(
             self.store,

@@ -10,6 +10,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+from proxy.blocking import run
 from proxy.config import Config
 from proxy.policy import default_targets
 from proxy.policy import state_dir as policy_state_dir
@@ -56,7 +57,7 @@ def identity(spec: TransferSpec, location: Location, into: str | None) -> dict[s
     return {"kind": spec.kind, "location": location.identity, "into": into}
 
 
-def make_target(
+async def make_target(
     location: Location,
     spec: TransferSpec,
     store: Composite,
@@ -66,7 +67,8 @@ def make_target(
 ) -> Target:
     """The target at ``location``; bucket targets share ``parts``, the memory for multipart parts."""
     if location.kind == "s3":
-        client = make_client(location, spec.endpoint_url, store.tiers, spec.jobs * 2 + 4)
+        # boto3 reads its service models and ~/.aws files building a client: not on the loop
+        client = await run(make_client, location, spec.endpoint_url, store.tiers, spec.jobs * 2 + 4)
         return BucketTarget(
             location,
             client,
@@ -81,11 +83,11 @@ def make_target(
     return TarTarget(location, stdout or sys.stdout.buffer)
 
 
-def make_source(
+async def make_source(
     location: Location, spec: TransferSpec, store: Composite, executor: ThreadPoolExecutor, stdin: BinaryIO | None
 ) -> Source:
     if location.kind == "s3":
-        client = make_client(location, spec.endpoint_url, store.tiers, spec.jobs * 2 + 4)
+        client = await run(make_client, location, spec.endpoint_url, store.tiers, spec.jobs * 2 + 4)
         return BucketSource(location, client, executor)
     if location.kind == "folder":
         return FolderSource(location, executor)
