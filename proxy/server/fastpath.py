@@ -84,7 +84,7 @@ class HotHits:
         self._tail = b""
         self.answered = 0  # requests answered here, not by aiohttp (tests read it)
         self.taken_back = 0  # times a connection lent to aiohttp came back (tests read it)
-        self.connections: set[FastPath] = set()  # not yet handed to aiohttp: closed here at shutdown
+        self.connections: set[FastPath] = set()  # not lent to aiohttp now: closed here at shutdown
 
     def head(self, digest: str, tier: str, hit: bool, length: int) -> bytes:
         """Every 200 header a blob carries (as blobs.py sends them) but the per-second Date."""
