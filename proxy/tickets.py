@@ -99,5 +99,8 @@ def load_secret(configured: str, directory: str) -> bytes:
     with open(path, "rb") as file:
         secret = file.read().strip()
     if len(secret) < MIN_SECRET:
-        raise ConfigError(f"{path}: {len(secret)} bytes, not a generated secret; delete it to have one generated")
+        raise ConfigError(
+            f"auth.ticket_secret is empty, and {path} holds {len(secret)} bytes, not a generated secret: "
+            "delete it to have one generated, or set auth.ticket_secret"
+        )
     return secret

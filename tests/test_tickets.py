@@ -88,7 +88,7 @@ def test_workers_generating_the_secret_at_once_all_get_the_same_whole_one(
 
 def test_a_secret_file_that_is_not_one_is_named(tmp_path: Path) -> None:
     (tmp_path / "ticket_secret").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"ticket_secret: 0 bytes.*delete it"):
+    with pytest.raises(ConfigError, match=r"auth.ticket_secret is empty, and .*ticket_secret holds 0 bytes.*delete it"):
         load_secret("", str(tmp_path))
 
 
