@@ -213,6 +213,15 @@ async def endless(request: web.Request, up: Upstream) -> web.StreamResponse:
         await response.write(block)
 
 
+async def announced_too_large(request: web.Request, up: Upstream) -> web.StreamResponse:
+    """Says 2 MiB up front, then sends nothing: refused on its word, not waited on."""
+    response = web.StreamResponse()
+    response.content_length = 2 << 20
+    await response.prepare(request)
+    await asyncio.Event().wait()
+    return response
+
+
 def gzip_bomb(request: web.Request, up: Upstream) -> Awaitable[web.StreamResponse]:
     bomb = gzip.compress(bytes(64 << 20), compresslevel=9)  # 64 MiB of zeros in ~64 KiB
 
@@ -222,7 +231,9 @@ def gzip_bomb(request: web.Request, up: Upstream) -> Awaitable[web.StreamRespons
     return answer()
 
 
-@pytest.mark.parametrize("handler", [endless, gzip_bomb], ids=["endless", "gzip-bomb"])
+@pytest.mark.parametrize(
+    "handler", [endless, gzip_bomb, announced_too_large], ids=["endless", "gzip-bomb", "announced"]
+)
 async def test_a_fill_growing_past_max_blob_size_is_abandoned_and_charged_to_its_tier(
     make_proxy: ProxyFactory,
     upstream: UpstreamFactory,

@@ -342,7 +342,7 @@ class Fills:
                 raise TierError(f"{tier.name}: sent {spool.received} of {blob.size} bytes")
             await spool.finish()
         except TooLarge:  # an endless upstream, or a bomb decoded from it
-            grown = TierError(f"{tier.name}: the blob grows past server.max_blob_size ({self.max_blob_size} bytes)")
+            grown = TierError(f"{tier.name}: the blob is larger than server.max_blob_size ({self.max_blob_size} bytes)")
             spool.fail(grown)
             self.walk.failed(tier, grown, errors)
             return None

@@ -184,7 +184,11 @@ class Spool:
 
     async def expect(self, size: int) -> None:
         """The tier announced ``size`` bytes: claim room for all of them, else keep them in memory
-        if the budget can; else SpoolUnwritable (SPEC 4: the blob is passed through uncached)."""
+        if the budget can; else SpoolUnwritable (SPEC 4: the blob is passed through uncached).
+        A size over max_size is TooLarge at once: no room is made (nothing evicted) for a blob
+        that would be refused, and it is not passed through either."""
+        if self._max_size is not None and size > self._max_size:
+            raise TooLarge(f"{size} bytes announced, more than {self._max_size}")
         self._room.expected = size
         if size <= self._memory_limit or await self._room.claim(size, 0):
             return
