@@ -62,7 +62,9 @@ def spy_on(client: Client, tier: str) -> list[str]:
     def record(model: Any, **_: Any) -> None:
         calls.append(model.name)
 
-    client.app[STORE].tier(tier).client.meta.events.register("before-call.s3", record)  # type: ignore[attr-defined]
+    s3 = client.app[STORE].tier(tier)
+    for boto in (s3.reads, s3.client):  # type: ignore[attr-defined]  # the walk's reads, and the writes
+        boto.meta.events.register("before-call.s3", record)
     return calls
 
 

@@ -81,8 +81,10 @@ class S3Config(_Objects):
     secret_access_key: str | None = setting(None, "credentials (default: boto3's discovery)")
     accelerate: bool = setting(False, "use S3 Transfer Acceleration")
     max_connections: int = setting(32, _CONNECTIONS + " (also the executor's size)")
-    connect_timeout: Duration = setting(5.0, _CONNECT + " (at most timeout)")
-    read_timeout: Duration = setting(30.0, _READ + " (at most timeout: a hung request frees its thread)")
+    connect_timeout: Duration = setting(5.0, _CONNECT + " (for the walk's reads, at most timeout)")
+    read_timeout: Duration = setting(
+        30.0, _READ + " (for the walk's reads, at most timeout: a hung one frees its thread; writes wait this long)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -67,13 +67,10 @@ class S3Tier(Tier):
         self.profile = profile or None
         self._credentials = (access_key_id or None, secret_access_key or None)
         self.accelerate = accelerate
-        # The tier's timeout bounds each wait on S3 (the connect, then each read, the first
-        # being for the answer's headers), so a request that hangs hands its thread back about
-        # when the walk gives up on it, not read_timeout (times the attempts) later.
         self._config = botocore.config.Config(
             max_pool_connections=max_connections,
-            connect_timeout=min(connect_timeout, timeout),
-            read_timeout=min(read_timeout, timeout),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             retries={"max_attempts": 3, "mode": "standard"},
             # S3-compatible stores and GCS interop reject the newer default checksums.
             request_checksum_calculation="when_required",
@@ -83,8 +80,19 @@ class S3Tier(Tier):
                 "use_accelerate_endpoint": accelerate,
             },
         )
+        # The walk's reads (GetObject, HeadObject) have their own client, on which the tier's
+        # timeout bounds each wait (the connect, then each read, the first being for the
+        # answer's headers): a read that hangs hands its thread back about when the walk gives
+        # up on it, not read_timeout (times the attempts) later. Writes keep read_timeout: a
+        # part or a CompleteMultipartUpload may take S3 longer than a walk waits.
+        self._read_config = self._config.merge(
+            botocore.config.Config(
+                connect_timeout=min(connect_timeout, timeout), read_timeout=min(read_timeout, timeout)
+            )
+        )
         self._executor = ThreadPoolExecutor(max_connections, thread_name_prefix=f"tier-{name}")
         self._client: Any = None
+        self._reads: Any = None
         self._bodies: set[_Body] = set()  # being read: released at close, so no thread outlives it
         # Who wants to hear of the multipart uploads begun for a key (put_noting_uploads), told
         # from boto3's transfer threads.
@@ -95,6 +103,7 @@ class S3Tier(Tier):
 
     async def start(self) -> None:
         self._client = await run_on(self._executor, self._own_client)
+        self._reads = await run_on(self._executor, self._read_client)
 
     def make_client(self, config: botocore.config.Config | None = None) -> Any:
         session = boto3.session.Session(profile_name=self.profile)
@@ -109,13 +118,18 @@ class S3Tier(Tier):
         )
 
     def _own_client(self) -> Any:
-        """The tier's client: make_client's, telling the tier of each multipart upload it
-        begins, and not retrying a walked read that timed out (see _WALKED)."""
+        """The tier's client for writes: make_client's, telling the tier of each multipart
+        upload it begins."""
         client = self.make_client()
-        events = client.meta.events
-        events.register("after-call.s3.CreateMultipartUpload", self._upload_begun)
+        client.meta.events.register("after-call.s3.CreateMultipartUpload", self._upload_begun)
+        return client
+
+    def _read_client(self) -> Any:
+        """The walk's client: the tier's timeout on each wait, and a read that timed out is not
+        tried again (see _WALKED)."""
+        client = self.make_client(self._read_config)
         for operation in _WALKED:
-            events.register(f"needs-retry.s3.{operation}", _no_retry_after_timeout)
+            client.meta.events.register(f"needs-retry.s3.{operation}", _no_retry_after_timeout)
         return client
 
     async def close(self) -> None:
@@ -125,9 +139,17 @@ class S3Tier(Tier):
 
     @property
     def client(self) -> Any:
+        """For writes (and presigning): the configured connect and read timeouts."""
         if self._client is None:
             self._client = self._own_client()
         return self._client
+
+    @property
+    def reads(self) -> Any:
+        """For the walk's GetObject and HeadObject: under the tier's timeout."""
+        if self._reads is None:
+            self._reads = self._read_client()
+        return self._reads
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -150,9 +172,7 @@ class S3Tier(Tier):
     async def open(self, digest: Digest) -> Blob | None:
         try:
             with self._errors():
-                response = await run_on(
-                    self._executor, self.client.get_object, Bucket=self.bucket, Key=self.key(digest)
-                )
+                response = await run_on(self._executor, self.reads.get_object, Bucket=self.bucket, Key=self.key(digest))
         except _Missing:
             return None
         body = _Body(response["Body"], self._executor, self._bodies)
@@ -165,7 +185,7 @@ class S3Tier(Tier):
         try:
             with self._errors():
                 response = await run_on(
-                    self._executor, self.client.head_object, Bucket=self.bucket, Key=self.key(digest)
+                    self._executor, self.reads.head_object, Bucket=self.bucket, Key=self.key(digest)
                 )
         except _Missing:
             return None
@@ -302,11 +322,12 @@ def _read_chunk(body: Any) -> bytes:
 _WALKED = ("GetObject", "HeadObject")
 
 
-def _no_retry_after_timeout(caught_exception: Exception | None = None, **_: Any) -> bool | None:
-    """botocore's needs-retry hook: False (no retry) after a timeout, None (botocore's own retry
-    policy decides) otherwise. Handlers of the more specific event name are asked first."""
-    timeouts = (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)
-    return False if isinstance(caught_exception, timeouts) else None
+def _no_retry_after_timeout(caught_exception: Exception | None = None, **_: Any) -> None:
+    """botocore's needs-retry hook: a timeout is raised as it is (not retried); otherwise None,
+    and botocore's own retry policy decides. Raising, not returning False: older botocore
+    versions read a handler's False as a sleep of 0 seconds, then a retry."""
+    if isinstance(caught_exception, (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)):
+        raise caught_exception
 
 
 def _quietly(close: Any) -> None:
