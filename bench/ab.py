@@ -38,8 +38,15 @@ def toml_values(pairs: list[str]) -> dict[str, Any]:
     """KEY=VALUE pairs, each VALUE a TOML value (2, false, "uvloop", "16 MiB")."""
     values: dict[str, Any] = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
-        values[key] = tomllib.loads(f"value = {value}")["value"]
+        key, equals, value = pair.partition("=")
+        try:
+            if not equals:
+                raise ValueError("no '='")
+            values[key] = tomllib.loads(f"value = {value}")["value"]
+        except (ValueError, tomllib.TOMLDecodeError) as error:
+            raise SystemExit(
+                f"ab.py: {pair!r}: want KEY=VALUE, VALUE a TOML value such as 2, false or '\"16 MiB\"' ({error})"
+            )
     return values
 
 

@@ -3,6 +3,7 @@ index, checked reads, eviction's access times and crash recovery, each on its ow
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from proxy.digest import Digest
 from proxy.errors import CorruptBlob
-from proxy.tiers.disk import integrity, recovery
+from proxy.tiers.disk import integrity, recovery, reserve
 from proxy.tiers.disk.eviction import AccessTimes, make_room
 from proxy.tiers.disk.generation import Generation
 from proxy.tiers.disk.hot import HotCache
@@ -266,3 +267,12 @@ def test_a_large_entry_that_fits_memory_is_kept_by_the_check_that_goes_with_its_
             assert hot.get(digest) == (None if corrupt else data)
     finally:
         index.close()
+
+
+def test_a_reserve_that_cannot_be_made_is_done_without(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No inode, no permission (here: a folder in the reserve's place): the disk tier goes on
+    without its reserve, with a warning, rather than failing to start or to delete."""
+    (tmp_path / reserve.FILE).mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert reserve.restore(str(tmp_path)) is False
+    assert "cannot keep the" in caplog.text

@@ -149,9 +149,11 @@ async def test_a_claim_taken_after_another_fill_ended_looks_in_the_shared_tier_f
     assert late.calls["open"] == 2  # the stale miss, then the look after taking the claim
 
 
-async def test_a_claim_given_up_mid_call_leaves_nothing_behind() -> None:
+async def test_a_claim_given_up_mid_call_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fill cancelled while its claim waits on Redis (a server stopping) keeps no entry: the
     per-digest notices live only as long as a take()."""
+    # The unanswered command must still be waiting when the test looks, however slow the machine.
+    monkeypatch.setattr("proxy.store.claims._COMMAND_TIMEOUT", 30.0)
     asked = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

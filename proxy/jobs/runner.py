@@ -21,6 +21,7 @@ from proxy.blocking import run
 from proxy.jobs.table import FINAL, JobTable, State
 from proxy.store.composite import Composite
 from proxy.transfer import Snapshot, Transfer, TransferError, TransferSpec
+from proxy.transfer.checkpoint import remove_files
 from proxy.transfer.locations import parse_location
 from proxy.transfer.wiring import checkpoint_path
 
@@ -174,7 +175,5 @@ class Runner:
         spec = TransferSpec.from_json(spec_json)
         for text in spec.locations:
             path = checkpoint_path(spec, parse_location(text), self.directory, spec.into or self.default_into)
-            for suffix in ("", "-wal", "-shm"):
-                if path is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path + suffix)
+            if path is not None:
+                remove_files(path)

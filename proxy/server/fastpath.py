@@ -246,7 +246,7 @@ class FastPath(HeadParser, asyncio.Protocol):
                 self.data_received(b"")
 
     def data_received(self, data: bytes) -> None:
-        if self.lent and (not data or not self._take_back()):
+        if self.lent and not self._take_back():
             self._lend(data)
             return
         if data:

@@ -119,7 +119,7 @@ class Checkpoint:
         checkpoint kept after success would skip blobs deleted from the target since.)"""
         await self.close()
         if self.path is not None:
-            await run(_remove, [self.path + suffix for suffix in ("", "-wal", "-shm")])
+            await run(remove_files, self.path)
 
     async def end(self, complete: bool) -> None:
         """Discard the checkpoint of a complete run with no problems (nothing is left to resume),
@@ -206,7 +206,8 @@ class Checkpoint:
             raise TransferError(f"checkpoint {self.path}: {error}") from error
 
 
-def _remove(paths: list[str]) -> None:
-    for path in paths:
+def remove_files(path: str) -> None:
+    """A checkpoint database's files, its write-ahead log and shared memory too (blocks)."""
+    for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(path + suffix)

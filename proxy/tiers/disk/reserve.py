@@ -50,7 +50,11 @@ def restore(folder: str) -> bool:
             return False
     if shutil.disk_usage(folder).free < 2 * RESERVE_SIZE:
         return False
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:  # the reserve is a help, never a reason to fail: no inode, no permission, no reserve
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        log.warning("%s: cannot keep the %d-byte reserve: %s", folder, RESERVE_SIZE, error.strerror or error)
+        return False
     try:
         os.posix_fallocate(fd, 0, RESERVE_SIZE)  # blocks, not a sparse size: they must be real
     except OSError:
