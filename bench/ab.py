@@ -44,9 +44,8 @@ def toml_values(pairs: list[str]) -> dict[str, Any]:
                 raise ValueError("no '='")
             values[key] = tomllib.loads(f"value = {value}")["value"]
         except (ValueError, tomllib.TOMLDecodeError) as error:
-            raise SystemExit(
-                f"ab.py: {pair!r}: want KEY=VALUE, VALUE a TOML value such as 2, false or '\"16 MiB\"' ({error})"
-            )
+            want = "KEY=VALUE, VALUE a TOML value such as 2, false or '\"16 MiB\"'"
+            raise SystemExit(f"ab.py: {pair!r}: want {want} ({error})") from None
     return values
 
 
