@@ -17,6 +17,14 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 
 
+def casproxy(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy ARGS`` run to its end, as an operator runs it: a process of its own (its
+    files opened afresh), none of the test's CASPROXY_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
+    command = [sys.executable, "-m", "proxy", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 class ProxyProcess:
     """``python -m proxy serve -c CONFIG`` as a child process, logging to a file."""
 

@@ -16,16 +16,10 @@ import pytest
 
 from proxy.config import load_config, reference
 from tests.conftest import write_config
+from tests.processes import casproxy
 
 REPO = Path(__file__).resolve().parent.parent
 HASH = "a" * 40
-
-
-def casproxy(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def _config(folder: Path, **sections: dict[str, object]) -> str:

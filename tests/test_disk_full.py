@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from proxy import Composite, DiskTier
 from proxy.server.keys import STORE
 from tests.conftest import ProxyFactory, Upstream, make_blob, spool_files, write_config
+from tests.processes import casproxy
 from tests.test_library import DictAPI
 
 Client = TestClient[web.Request, web.Application]
@@ -233,14 +233,6 @@ async def test_delete_frees_space_on_a_disk_filled_to_the_last_byte(
         assert response.status == 204, await response.text()
     assert await get(client, blobs[2][1]) == (200, blobs[2][0], "HIT")
     assert client.app[STORE].snapshot()["tiers"]["disk"]["entries"] == 1
-
-
-def casproxy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The real command in a process of its own: the index's files are opened afresh, as an
-    operator's would be (an in-process handle keeps SQLite's shared-memory file in place)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASPROXY_")}
-    command = [sys.executable, "-m", "proxy", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_cache_check_removes_a_corrupt_entry_on_a_disk_filled_to_the_last_byte(
