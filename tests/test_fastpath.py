@@ -463,23 +463,24 @@ def aiohttp_settled(client: Client) -> bool:
 
 async def test_a_connection_lent_to_aiohttp_comes_back_for_hits(pair: tuple[Client, Client], tmp_path: Path) -> None:
     """One keep-alive connection: a miss, a POST with a body and a 404 are aiohttp's; each hit
-    after them is the fast path's again, with the same bytes as without it."""
+    after them is the fast path's again, with the same bytes as without it. A POST that follows
+    one of aiohttp's answers is not taken back at all (it could not be a hit)."""
     fast, slow = pair
     hot, hot_digest = await warm(pair, tmp_path, 3000)
     cold, cold_digest = make_blob(70_000)
     (tmp_path / "blobs" / cold_digest).write_bytes(cold)
     missing = '{"hashes": ["' + make_blob(10)[1] + '"]}'
+    post_missing = (
+        get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(missing)}", method="POST")
+        + missing.encode()
+    )
     steps: list[tuple[bytes, str, bool]] = [  # (request, method, answered by the fast path)
         (get(f"/sha1/{cold_digest}"), "GET", False),
         (get(f"/sha1/{hot_digest}"), "GET", True),
-        (
-            get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(missing)}", method="POST")
-            + missing.encode(),
-            "POST",
-            False,
-        ),
+        (post_missing, "POST", False),
         (get(f"/sha1/{hot_digest}", "Range: bytes=1-2"), "GET", True),
         (get(f"/sha1/{make_blob(11)[1]}"), "GET", False),
+        (post_missing, "POST", False),
         (get(f"/sha1/{hot_digest}", method="HEAD"), "HEAD", True),
     ]
     answers: dict[str, list[Response]] = {}
@@ -487,8 +488,8 @@ async def test_a_connection_lent_to_aiohttp_comes_back_for_hits(pair: tuple[Clie
         reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
         answers[name] = []
         try:
-            for request, method, by_fast_path in steps:
-                if name == "fast" and by_fast_path:  # aiohttp may still be finishing its last answer
+            for index, (request, method, by_fast_path) in enumerate(steps):
+                if name == "fast" and index:  # aiohttp may still be finishing its last answer
                     await wait_until(lambda: aiohttp_settled(fast), 10, "aiohttp to wait for a request")
                 before, returns = answered(fast), taken_back(fast)
                 writer.write(request)
@@ -499,7 +500,7 @@ async def test_a_connection_lent_to_aiohttp_comes_back_for_hits(pair: tuple[Clie
         finally:
             writer.close()
     assert answers["fast"] == answers["slow"]
-    assert [status for status, _, _ in answers["fast"]] == [200, 200, 200, 206, 404, 200]
+    assert [status for status, _, _ in answers["fast"]] == [200, 200, 200, 206, 404, 200, 200]
     assert answers["fast"][0][2] == cold and answers["fast"][1][2] == hot
 
 

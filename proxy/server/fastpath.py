@@ -246,7 +246,8 @@ class FastPath(HeadParser, asyncio.Protocol):
                 self.data_received(b"")
 
     def data_received(self, data: bytes) -> None:
-        if self.lent and not self._take_back():
+        # Taken back only for a request that may be a hot hit: an upload or a POST stays lent.
+        if self.lent and not (_may_be_fast(data) and self._take_back()):
             self._lend(data)
             return
         if data:
