@@ -5,6 +5,7 @@ smuggling attempts, oversized heads) answered exactly as without it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import shutil
@@ -99,6 +100,13 @@ def get(path: str, *headers: str, method: str = "GET", version: str = "1.1") -> 
     )
 
 
+def post_missing(*digests: str) -> bytes:
+    """``POST /sha1/missing`` asking after ``digests``: a request with a body, aiohttp's."""
+    body = json.dumps({"hashes": list(digests)}).encode()
+    head = get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(body)}", method="POST")
+    return head + body
+
+
 def comparable(response: Response) -> Response:
     """Without what differs per answer: the date and the request id (each must be there)."""
     status, headers, body = response
@@ -164,12 +172,10 @@ async def test_pipelined_requests_are_answered_in_order(pair: tuple[Client, Clie
     hot, hot_digest = await warm(pair, tmp_path, 3000)
     cold, cold_digest = make_blob(70_000)
     (tmp_path / "blobs" / cold_digest).write_bytes(cold)
-    missing = '{"hashes": ["' + make_blob(10)[1] + '"]}'
     raw = (
         get(f"/sha1/{hot_digest}")
         + get(f"/sha1/{hot_digest}", "Range: bytes=1-2")
-        + get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(missing)}", method="POST")
-        + missing.encode()
+        + post_missing(make_blob(10)[1])
         + get(f"/sha1/{hot_digest}")
         + get(f"/sha1/{cold_digest}")
         + get(f"/sha1/{make_blob(11)[1]}")
@@ -469,18 +475,14 @@ async def test_a_connection_lent_to_aiohttp_comes_back_for_hits(pair: tuple[Clie
     hot, hot_digest = await warm(pair, tmp_path, 3000)
     cold, cold_digest = make_blob(70_000)
     (tmp_path / "blobs" / cold_digest).write_bytes(cold)
-    missing = '{"hashes": ["' + make_blob(10)[1] + '"]}'
-    post_missing = (
-        get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(missing)}", method="POST")
-        + missing.encode()
-    )
+    missing = post_missing(make_blob(10)[1])
     steps: list[tuple[bytes, str, bool]] = [  # (request, method, answered by the fast path)
         (get(f"/sha1/{cold_digest}"), "GET", False),
         (get(f"/sha1/{hot_digest}"), "GET", True),
-        (post_missing, "POST", False),
+        (missing, "POST", False),
         (get(f"/sha1/{hot_digest}", "Range: bytes=1-2"), "GET", True),
         (get(f"/sha1/{make_blob(11)[1]}"), "GET", False),
-        (post_missing, "POST", False),
+        (missing, "POST", False),
         (get(f"/sha1/{hot_digest}", method="HEAD"), "HEAD", True),
     ]
     answers: dict[str, list[Response]] = {}

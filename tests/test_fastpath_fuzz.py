@@ -23,7 +23,7 @@ from proxy.server.app import create_app
 from proxy.server.fastpath import FastPathRunner, make_runner
 from proxy.server.workers import new_event_loop
 from tests.conftest import make_blob, write_config
-from tests.test_fastpath import Response, get, read_response
+from tests.test_fastpath import Response, get, post_missing, read_response
 
 EXAMPLES = 500
 HOT, HOT_DIGEST = make_blob(3000, seed=21)
@@ -36,7 +36,6 @@ LAST = (
     get(f"/sha1/{HOT_DIGEST}", version="1.0"),
     MALFORMED,  # 400
 )
-BODY = b'{"hashes": ["' + HOT_DIGEST.encode() + b'"]}'
 
 requests = st.one_of(
     st.just(get(f"/sha1/{HOT_DIGEST}")),
@@ -47,9 +46,7 @@ requests = st.one_of(
     st.just(get(f"/sha1/{HOT_DIGEST}", f'If-None-Match: "{HOT_DIGEST}"')),
     st.sampled_from(COLD).map(lambda blob: get(f"/sha1/{blob[1]}")),
     st.integers(0, 10**6).map(lambda n: get(f"/sha1/{n:040x}")),  # found nowhere: 404
-    st.just(
-        get("/sha1/missing", "Content-Type: application/json", f"Content-Length: {len(BODY)}", method="POST") + BODY
-    ),
+    st.just(post_missing(HOT_DIGEST)),
     st.just(get(f"/sha1/{HOT_DIGEST}", "Content-Length: 5") + b"hello"),  # a GET with a body: aiohttp's
     st.just(get(f"/sha1/{HOT_DIGEST}", "Transfer-Encoding: chunked") + b"3;x=y\r\nabc\r\n0\r\n\r\n"),
     st.just(get("/healthz")),
