@@ -126,14 +126,12 @@ class Spool:
         self._max_size = max_size
         self._room = FileRoom(room, directory)
         self._hasher = hashlib.new(digest.algorithm if digest else algorithm)
-        # The disk cache's checksum of the same bytes (SPEC 4), so committing a spooled file does
-        # not read it again: xxh3 costs a few percent of the digest's time.
+        # The disk cache's checksum (SPEC 4) of the same bytes, so a commit reads nothing again.
         self._fast = xxhash.xxh3_64()
         self.checksum: str | None = None  # of the verified bytes, when they went to a file
         self._memory: bytearray | None = bytearray()
         self._frozen: bytes | None = None  # the verified bytes, when they stayed in memory
-        # Received, not yet hashed and written to the file: kept as they came (no copy on the
-        # loop), written with one writev and hashed in a thread.
+        # Received, not yet hashed or written: kept as they came, for one writev and a hash in a thread.
         self._pending: list[bytes] = []
         self._pending_size = 0
         # Kept in memory, not yet hashed: hashed in blocks in the executor, off the loop.
@@ -183,10 +181,9 @@ class Spool:
             await run(_update_all, self._hasher, self._fast, chunks)
 
     async def expect(self, size: int) -> None:
-        """The tier announced ``size`` bytes: claim room for all of them, else keep them in memory
-        if the budget can; else SpoolUnwritable (SPEC 4: the blob is passed through uncached).
-        A size over max_size is TooLarge at once: no room is made (nothing evicted) for a blob
-        that would be refused, and it is not passed through either."""
+        """The tier announced ``size`` bytes: over max_size, TooLarge (nothing evicted for it); else
+        claim room for all of them, else keep them in memory if the budget can; else
+        SpoolUnwritable (SPEC 4: the blob is passed through uncached)."""
         if self._max_size is not None and size > self._max_size:
             raise TooLarge(f"{size} bytes announced, more than {self._max_size}")
         self._room.expected = size
