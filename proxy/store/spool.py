@@ -181,9 +181,8 @@ class Spool:
             await run(_update_all, self._hasher, self._fast, chunks)
 
     async def expect(self, size: int) -> None:
-        """The tier announced ``size`` bytes: over max_size, TooLarge (nothing evicted for it); else
-        claim room for all of them, else keep them in memory if the budget can; else
-        SpoolUnwritable (SPEC 4: the blob is passed through uncached)."""
+        """The tier announced ``size`` bytes: past max_size TooLarge (nothing evicted for it); else
+        room claimed for all, or memory if the budget can, or SpoolUnwritable (SPEC 4: passed through)."""
         if self._max_size is not None and size > self._max_size:
             raise TooLarge(f"{size} bytes announced, more than {self._max_size}")
         self._room.expected = size
